@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11 + pip):
+#   make demo   -> installs into .venv, runs the default experiment (checkerboard, LSD), writes runs/demo
+#   make test   -> installs into .venv, runs the whole test suite
+# torch==2.13.0 is installed first where torch is missing, so that no multi-GB CUDA build is pulled.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: demo test install
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/flowmaps train --out runs/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q

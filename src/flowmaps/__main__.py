@@ -1,0 +1,5 @@
+import sys
+
+from flowmaps.cli import main
+
+sys.exit(main())

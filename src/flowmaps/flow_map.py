@@ -1,0 +1,80 @@
+"""The ``FlowMap`` wrapper: any backbone becomes a flow map ``F(x, s, t) = x + (t - s) V(x, s, t)``.
+
+Convention (spec §1): t = 0 is data, t = 1 is noise, arguments are ``(x, s, t)`` with source time
+``s`` first and target time ``t`` second. Sampling runs ``s > t``; one step is ``F(eps, 1, 0)``.
+The parametrisation makes the boundary condition ``F(x, t, t) = x`` hold by construction, and the
+diagonal ``v(x, t) = V(x, t, t)`` is the model's instantaneous velocity (the tangent condition): the
+diagonal of a flow map *is* a diffusion model. The backbone predicts the average velocity ``V``,
+much as EDM's preconditioning wrapper turns a raw network into a denoiser.
+
+Example::
+
+    model = FlowMap(MLP(dim=2))
+    x0 = model(torch.randn(16, 2), 1.0, 0.0)        # one-step samples
+    v = model.velocity(x, 0.3)                       # diffusion-model velocity
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Protocol
+
+import torch
+from torch import nn
+
+from flowmaps.time_args import TimeLike, as_batch_time, check_unit_interval, expand_like
+
+
+class Backbone(Protocol):
+    """A network ``net(x, s, t, cond=None) -> V`` with ``V`` shaped like ``x``; ``s`` and ``t`` are ``[B]``."""
+
+    def __call__(
+        self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None
+    ) -> torch.Tensor: ...
+
+
+class FlowMap(nn.Module):
+    """Wrap a backbone that predicts the average velocity ``V(x, s, t)`` into a flow map.
+
+    ``forward(x, s, t)`` returns ``F(x, s, t)`` (or ``V`` with ``output="V"``); going through
+    ``forward`` for both keeps the module usable under ``DistributedDataParallel``. Times are floats
+    or ``[B]`` tensors; with ``check_times=True`` (the default for users) they are validated to lie
+    in ``[0, 1]``, which costs a device synchronisation, so training code passes ``False``.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        s: TimeLike,
+        t: TimeLike,
+        cond: Optional[torch.Tensor] = None,
+        *,
+        output: Literal["F", "V"] = "F",
+        check_times: bool = True,
+    ) -> torch.Tensor:
+        sb = as_batch_time(s, x, "s")
+        tb = as_batch_time(t, x, "t")
+        if check_times:
+            check_unit_interval(sb, "s")
+            check_unit_interval(tb, "t")
+        v = self.net(x, sb, tb, cond)
+        if v.shape != x.shape:
+            raise ValueError(f"backbone returned shape {tuple(v.shape)} for input of shape {tuple(x.shape)}")
+        if output == "V":
+            return v
+        if output != "F":
+            raise ValueError(f"output must be 'F' or 'V'; got {output!r}")
+        return x + expand_like(tb - sb, x) * v
+
+    def average_velocity(
+        self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: Optional[torch.Tensor] = None, **kw
+    ) -> torch.Tensor:
+        """``V(x, s, t)``, with ``F(x, s, t) = x + (t - s) V(x, s, t)``."""
+        return self(x, s, t, cond, output="V", **kw)
+
+    def velocity(self, x: torch.Tensor, t: TimeLike, cond: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
+        """The diagonal ``v(x, t) = V(x, t, t)``: the learned diffusion-model velocity."""
+        return self(x, t, t, cond, output="V", **kw)

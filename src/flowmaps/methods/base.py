@@ -1,0 +1,79 @@
+"""The training-method contract: ``method.loss(model, batch, generator) -> LossOutput``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from flowmaps.schedules import Schedule
+
+
+@dataclass
+class Batch:
+    """Clean data ``x0`` (``[B, ...]``), optional condition ``cond`` (``[B]``)."""
+
+    x0: torch.Tensor
+    cond: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.x0.dim() < 2:
+            raise ValueError(f"a batch needs shape [B, ...] with at least one feature dim; got {tuple(self.x0.shape)}")
+        if self.cond is not None and self.cond.shape[0] != self.x0.shape[0]:
+            raise ValueError(f"cond has {self.cond.shape[0]} rows for a batch of {self.x0.shape[0]}")
+
+    def take(self, index: slice) -> "Batch":
+        return Batch(self.x0[index], None if self.cond is None else self.cond[index])
+
+
+@dataclass
+class LossContext:
+    """What the trainer knows beyond the batch: progress (for curricula) and the EMA copy (for targets)."""
+
+    step: int = 0
+    total_steps: int = 1
+    ema_model: Optional[nn.Module] = None
+
+
+@dataclass
+class LossOutput:
+    """The scalar loss to back-propagate, detached per-term losses, and detached diagnostics."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """A flow-map training method: one documented loss.
+
+    Subclasses set the class attributes ``rule`` (``"diagonal"``, ``"lagrangian"``, ``"eulerian"``,
+    ``"compositional"``), ``setting`` (``"scratch"``, ``"self-distillation"``, ``"teacher"``) and
+    ``cost`` (forward-pass equivalents per iteration, spec §3) that ``flowmaps methods`` lists.
+    The model passed to ``loss`` is a ``FlowMap`` (possibly wrapped by DDP): methods call it only
+    through ``model(x, s, t, cond, output=..., check_times=False)``. Methods with
+    ``needs_teacher = True`` take a ``teacher`` (``flowmaps.teachers.Teacher``) in their constructor.
+    """
+
+    name: str = ""
+    rule: str = ""
+    setting: str = ""
+    cost: int = 0
+    needs_teacher: bool = False
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    @abstractmethod
+    def loss(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator, ctx: Optional[LossContext] = None
+    ) -> LossOutput:
+        """Draw noise and times with ``generator`` and return the loss on ``batch``."""
+
+
+def mean_square(residual: torch.Tensor) -> torch.Tensor:
+    """Per-example mean of squared residual entries: ``[B, ...] -> [B]``."""
+    return residual.pow(2).reshape(residual.shape[0], -1).mean(dim=1)

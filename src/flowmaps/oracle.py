@@ -1,0 +1,238 @@
+"""Exact answers for Gaussian and Gaussian-mixture data (spec §6).
+
+For ``x_0 ~ N(mu, diag(c^2))`` and ``x_t = alpha_t x_0 + sigma_t eps``, ``x_t ~ N(alpha_t mu, q_t)``
+per dimension with ``q_t = alpha_t^2 c^2 + sigma_t^2``, and the flow map is affine:
+
+    F(x, s, t) = alpha_t mu + sqrt(q_t / q_s) (x - alpha_s mu),
+    v(x, t)    = alpha'_t mu + (q'_t / (2 q_t)) (x - alpha_t mu),   q' = 2 (alpha alpha' c^2 + sigma sigma').
+
+For a mixture ``sum_k w_k N(mu_k, diag(c_k^2))`` the marginal velocity is
+``v(x, t) = sum_k P(k | x_t = x) v_k(x, t)`` with the posterior weights of the components'
+marginals ``N(alpha_t mu_k, q_{k,t})``; the denoiser is ``E[x_0 | x_t] = sum_k P(k | x) E_k[x_0 | x]``
+with ``E_k[x_0 | x] = mu_k + alpha_t c_k^2 (x - alpha_t mu_k) / q_{k,t}``. The exact flow map of a
+mixture is that ODE solved in float64 with an adaptive Dormand-Prince 5(4) integrator.
+All computations run in float64; results are returned in the input's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from flowmaps.schedules import LinearSchedule, Schedule
+from flowmaps.time_args import TimeLike, as_batch_time, check_unit_interval
+
+ArrayLike = Union[Sequence, torch.Tensor]
+
+
+class GaussianMixture:
+    """``sum_k w_k N(mu_k, diag(c_k^2))`` with exact velocity, denoiser, samples and flow map.
+
+    ``weights`` ``[K]`` (normalised here), ``means`` ``[K, D]``, ``stds`` ``[K, D]`` (or ``[K]`` /
+    a scalar for isotropic components), all positive.
+    """
+
+    def __init__(self, weights: ArrayLike, means: ArrayLike, stds: ArrayLike, schedule: Optional[Schedule] = None):
+        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        if mu.dim() == 1:
+            mu = mu[:, None]
+        if mu.dim() != 2 or mu.shape[0] != w.shape[0]:
+            raise ValueError(f"means must have shape [K, D] with K = {w.shape[0]} weights; got {tuple(mu.shape)}")
+        c = torch.as_tensor(stds, dtype=torch.float64)
+        c = c.reshape(-1, 1) if c.dim() == 1 and c.shape[0] == mu.shape[0] else c
+        try:
+            c = torch.broadcast_to(c, mu.shape).clone()
+        except RuntimeError as err:
+            raise ValueError(f"stds of shape {tuple(c.shape)} do not fit means of shape {tuple(mu.shape)}") from err
+        if not bool((w > 0).all()) or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"mixture weights must be positive and finite; got {w.tolist()}")
+        if not bool((c > 0).all()) or not bool(torch.isfinite(c).all()):
+            raise ValueError("mixture standard deviations must be positive and finite")
+        if not bool(torch.isfinite(mu).all()):
+            raise ValueError("mixture means must be finite")
+        self.weights = w / w.sum()
+        self.means = mu
+        self.stds = c
+        self.schedule = schedule if schedule is not None else LinearSchedule()
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def num_components(self) -> int:
+        return self.weights.shape[0]
+
+    def _params(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.weights.to(device), self.means.to(device), self.stds.to(device)
+
+    # ----- sampling -------------------------------------------------------------------------
+    def sample(
+        self, n: int, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu"
+    ) -> torch.Tensor:
+        """``n`` exact samples of ``x_0`` (float32), drawn with ``generator``."""
+        w, mu, c = self._params(torch.device(device))
+        k = torch.multinomial(w, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, device=device, dtype=torch.float64)
+        return (mu[k] + c[k] * z).float()
+
+    def sample_xt(
+        self, n: int, t: float, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu"
+    ) -> torch.Tensor:
+        """``n`` exact samples of the marginal at time ``t`` (``alpha_t x_0 + sigma_t eps``)."""
+        x0 = self.sample(n, generator, device)
+        eps = torch.randn(x0.shape, generator=generator, device=device)
+        return self.schedule.sample_xt(x0, eps, t)
+
+    # ----- marginal quantities ----------------------------------------------------------------
+    def _component_stats(self, x: torch.Tensor, t: torch.Tensor):
+        """Per-component posterior log-weights ``[B, K]``, marginal variances ``[B, K, D]`` and coefficients."""
+        w, mu, c = self._params(x.device)
+        tt = t[:, None, None]
+        sch = self.schedule
+        a, s, da, ds = sch.alpha(tt), sch.sigma(tt), sch.d_alpha(tt), sch.d_sigma(tt)
+        q = a**2 * c[None] ** 2 + s**2  # [B, K, D]
+        diff = x[:, None, :] - a * mu[None]  # [B, K, D]
+        log_norm = -0.5 * (diff**2 / q + torch.log(2 * torch.pi * q)).sum(-1)
+        log_post = torch.log(w)[None] + log_norm
+        log_post = log_post - torch.logsumexp(log_post, dim=1, keepdim=True)
+        return log_post, q, diff, a, s, da, ds, mu, c
+
+    def velocity(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """The exact marginal velocity ``v(x, t) = E[alpha' x_0 + sigma' eps | x_t = x]``."""
+        x64, t64 = self._inputs(x, t)
+        log_post, q, diff, a, s, da, ds, mu, c = self._component_stats(x64, t64)
+        dq = 2 * (a * da * c[None] ** 2 + s * ds)
+        v_k = da * mu[None] + dq / (2 * q) * diff
+        return (log_post.exp()[..., None] * v_k).sum(1).to(x.dtype)
+
+    def denoiser(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """The exact denoiser ``E[x_0 | x_t = x]``."""
+        x64, t64 = self._inputs(x, t)
+        log_post, q, diff, a, s, da, ds, mu, c = self._component_stats(x64, t64)
+        f_k = mu[None] + a * c[None] ** 2 * diff / q
+        return (log_post.exp()[..., None] * f_k).sum(1).to(x.dtype)
+
+    def log_density(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """``log p_t(x)`` of the marginal at time ``t``, ``[B]``."""
+        x64, t64 = self._inputs(x, t)
+        w, mu, c = self._params(x64.device)
+        tt = t64[:, None, None]
+        a, s = self.schedule.alpha(tt), self.schedule.sigma(tt)
+        q = a**2 * c[None] ** 2 + s**2
+        diff = x64[:, None, :] - a * mu[None]
+        log_norm = -0.5 * (diff**2 / q + torch.log(2 * torch.pi * q)).sum(-1)
+        return torch.logsumexp(torch.log(w)[None] + log_norm, dim=1).to(x.dtype)
+
+    def _inputs(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected x of shape [B, {self.dim}] for this mixture; got {tuple(x.shape)}")
+        x64 = x.to(torch.float64)
+        return x64, as_batch_time(t, x64)
+
+    # ----- flow map ---------------------------------------------------------------------------
+    def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, rtol: float = 1e-9, atol: float = 1e-10) -> torch.Tensor:
+        """The exact ``F(x, s, t)``: the probability-flow ODE solved from ``s`` to ``t`` in float64.
+
+        Times may differ per example: the ODE is integrated in ``tau in [0, 1]`` with
+        ``time = s + tau (t - s)`` and ``dx/dtau = (t - s) v(x, time)``.
+        """
+        x64 = x.to(torch.float64)
+        sb, tb = as_batch_time(s, x64, "s"), as_batch_time(t, x64, "t")
+        check_unit_interval(sb, "s")
+        check_unit_interval(tb, "t")
+        gap = (tb - sb)[:, None]
+
+        def rhs(tau: float, y: torch.Tensor) -> torch.Tensor:
+            return gap * self.velocity(y, sb + tau * (tb - sb))
+
+        return integrate_dopri5(rhs, x64, rtol=rtol, atol=atol).to(x.dtype)
+
+
+class Gaussian(GaussianMixture):
+    """A single Gaussian ``N(mu, diag(c^2))``, whose flow map and velocity are in closed form."""
+
+    def __init__(self, mean: ArrayLike, std: ArrayLike, schedule: Optional[Schedule] = None):
+        mu = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        c = torch.broadcast_to(torch.as_tensor(std, dtype=torch.float64), mu.shape)
+        super().__init__([1.0], mu[None], c[None], schedule)
+
+    def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, rtol: float = 0.0, atol: float = 0.0) -> torch.Tensor:
+        """``F(x, s, t) = alpha_t mu + sqrt(q_t / q_s) (x - alpha_s mu)`` (exact; tolerances unused)."""
+        x64 = x.to(torch.float64)
+        sb, tb = as_batch_time(s, x64, "s"), as_batch_time(t, x64, "t")
+        mu, c = self.means[0].to(x.device), self.stds[0].to(x.device)
+        sch = self.schedule
+
+        def q(time: torch.Tensor) -> torch.Tensor:
+            return sch.alpha(time)[:, None] ** 2 * c**2 + sch.sigma(time)[:, None] ** 2
+
+        a_s, a_t = sch.alpha(sb)[:, None], sch.alpha(tb)[:, None]
+        return (a_t * mu + torch.sqrt(q(tb) / q(sb)) * (x64 - a_s * mu)).to(x.dtype)
+
+
+# Dormand-Prince 5(4) tableau.
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+
+def integrate_dopri5(rhs, y0: torch.Tensor, rtol: float = 1e-9, atol: float = 1e-10, max_steps: int = 100_000) -> torch.Tensor:
+    """Integrate ``dy/dtau = rhs(tau, y)`` from ``tau = 0`` to ``1`` with adaptive Dormand-Prince 5(4).
+
+    The step is controlled by the worst example's error norm, so every example meets the tolerance.
+    """
+    tau, h, y = 0.0, 1e-2, y0
+    k1 = rhs(tau, y)
+    for _ in range(max_steps):
+        if tau >= 1.0 - 1e-14:
+            return y
+        h = min(h, 1.0 - tau)
+        ks = [k1]
+        for i in range(1, 7):
+            yi = y + h * sum(a * k for a, k in zip(_A[i], ks))
+            ks.append(rhs(tau + _C[i] * h, yi))
+        y5 = y + h * sum(b * k for b, k in zip(_B5, ks))
+        y4 = y + h * sum(b * k for b, k in zip(_B4, ks))
+        scale = atol + rtol * torch.maximum(y.abs(), y5.abs())
+        err = ((y5 - y4) / scale).pow(2).mean(dim=tuple(range(1, y.dim()))).sqrt().max().item()
+        if err <= 1.0:
+            tau, y, k1 = tau + h, y5, ks[6]
+        h = h * min(5.0, max(0.2, 0.9 * (err + 1e-16) ** -0.2))
+    raise RuntimeError(f"Dormand-Prince integration did not finish within {max_steps} steps")
+
+
+class ExactAverageVelocity(nn.Module):
+    """A backbone that returns the exact average velocity ``V(x, s, t) = (F(x, s, t) - x) / (t - s)``.
+
+    Wrapped in a ``FlowMap`` it is the true flow map of ``target``: samplers handed it must reproduce
+    the exact map and every loss must vanish at it. On the diagonal (``|t - s| < 1e-6``) it returns the
+    exact velocity ``v(x, t)``. Differentiable in ``x``, ``s`` and ``t`` (closed form for a
+    ``Gaussian``; through the float64 integrator for a mixture).
+    """
+
+    def __init__(self, target: GaussianMixture, diagonal_tol: float = 1e-6):
+        super().__init__()
+        self.target = target
+        self.diagonal_tol = diagonal_tol
+
+    def forward(
+        self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        gap = (t - s)[:, None]
+        on_diagonal = gap.abs() < self.diagonal_tol
+        safe_gap = torch.where(on_diagonal, torch.ones_like(gap), gap)
+        average = (self.target.flow_map(x, s, t) - x) / safe_gap
+        return torch.where(on_diagonal, self.target.velocity(x, t), average)

@@ -1,0 +1,31 @@
+"""Figures of samples (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+
+
+def plot_panels(panels: dict[str, torch.Tensor], path: Union[str, Path], title: str = "", limit: float = 1.6) -> None:
+    """One 2D histogram per panel (the first two coordinates), side by side, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
+    for ax, (name, x) in zip(axes[0], panels.items()):
+        x = x.reshape(x.shape[0], -1).float().numpy()
+        y = x[:, 1] if x.shape[1] > 1 else 0 * x[:, 0]
+        ax.hist2d(x[:, 0], y, bins=120, range=[[-limit, limit], [-limit, limit]], cmap="magma")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

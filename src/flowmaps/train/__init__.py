@@ -1,0 +1,1 @@
+"""Training: config schema, loop, EMA and weight files."""

@@ -1,0 +1,221 @@
+"""The run configuration: one validated schema, loaded from YAML/TOML and CLI overrides.
+
+Every key is checked: unknown keys, wrong types and impossible values raise ``ConfigError`` naming
+the key (``optim.lr``, ``method.diagonal_fraction``, ...). Method options live in the ``method``
+section beside ``name`` and are checked against that method's constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, of the wrong type, or has an impossible value."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "checkerboard"  # built-in name, .npy file, or mixture spec .json/.yaml
+
+
+@dataclass
+class ModelConfig:
+    width: int = 256
+    depth: int = 3
+    num_freqs: int = 0
+    max_freq: float = 8.0
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # adam | radam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    warmup_steps: int = 200
+    lr_schedule: str = "cosine"  # cosine (to 0 at the last step) | constant
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 512
+    seed: int = 0
+    schedule: str = "linear"  # linear | cosine
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 100
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 16384
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    ode_steps: int = 32
+    ode_solver: str = "heun"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "lsd"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher: Optional[str] = None  # "exact" (mixture data) or a trained run directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "optim.optimizer": ("adam", "radam", "adamw"),
+    "optim.lr_schedule": ("cosine", "constant"),
+    "train.schedule": ("linear", "cosine"),
+    "eval.ode_solver": ("euler", "heun"),
+}
+_POSITIVE = {"model.width", "model.depth", "model.max_freq", "optim.lr", "train.steps",
+             "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps"}
+_NON_NEGATIVE = {"model.num_freqs", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed"}
+_UNIT = {"optim.beta1", "optim.beta2", "optim.ema_decay"}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if get_origin(typ) is list:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key} must be a non-empty list; got {value!r}")
+        (inner,) = get_args(typ)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {typ.__name__}; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {name!r} must be a mapping; got {values!r}")
+    hints = get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys: {sorted(hints)}")
+    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+
+
+def _validate(cfg: Config) -> None:
+    from flowmaps.methods import build_method
+    from flowmaps.schedules import get_schedule
+
+    for section in ("data", "model", "optim", "train", "eval"):
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            full = f"{section}.{key}"
+            if full in _CHOICES and value not in _CHOICES[full]:
+                raise ConfigError(f"{full} must be one of {_CHOICES[full]}; got {value!r}")
+            if full in _POSITIVE and not value > 0:
+                raise ConfigError(f"{full} must be positive; got {value!r}")
+            if full in _NON_NEGATIVE and value < 0:
+                raise ConfigError(f"{full} must be non-negative; got {value!r}")
+            if full in _UNIT and not 0 <= value < 1:
+                raise ConfigError(f"{full} must lie in [0, 1); got {value!r}")
+    if any(n < 1 for n in cfg.eval.nfe):
+        raise ConfigError(f"eval.nfe entries must be positive step counts; got {cfg.eval.nfe}")
+    if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {cfg.train.device!r}")
+    options = dict(cfg.method)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("method.name must be given as a string (see `flowmaps methods`)")
+    if cfg.teacher is not None and not isinstance(cfg.teacher, str):
+        raise ConfigError(f"teacher must be 'exact' or a run directory; got {cfg.teacher!r}")
+    try:
+        # A placeholder stands in for the teacher here: only names and option values are checked.
+        teacher = object() if cfg.teacher is not None else None
+        build_method(name, get_schedule(cfg.train.schedule), teacher=teacher, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method: {err}") from err
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a ``Config`` from nested dictionaries (missing keys take defaults)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping of sections; got {type(values).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; valid sections: {sorted(sections)}")
+    defaults = Config()
+    kwargs: dict[str, Any] = {}
+    for name, f in sections.items():
+        if name == "teacher":
+            kwargs[name] = values.get("teacher")
+        elif name == "method":
+            method = values.get("method", defaults.method)
+            if isinstance(method, str):
+                method = {"name": method}
+            if not isinstance(method, dict):
+                raise ConfigError(f"section 'method' must be a mapping or a method name; got {method!r}")
+            kwargs[name] = {"name": defaults.method["name"], **method}
+        else:
+            merged = {**dataclasses.asdict(getattr(defaults, name)), **(values.get(name) or {})}
+            kwargs[name] = _build_section(name, type(getattr(defaults, name)), merged)
+    cfg = Config(**kwargs)
+    _validate(cfg)
+    return cfg
+
+
+def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
+    """Parse a ``.yaml``/``.yml``/``.toml`` config file into nested dictionaries."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return values
+
+
+def apply_override(values: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML) to nested dictionaries in place."""
+    if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+    path, raw = assignment.split("=", 1)
+    section, key = path.split(".", 1)
+    value = yaml.safe_load(raw)
+    target = values.setdefault(section, {})
+    if isinstance(target, str):  # method: lsd
+        target = values[section] = {"name": target}
+    if not isinstance(target, dict):
+        raise ConfigError(f"cannot set {path}: section {section!r} is not a mapping")
+    target[key] = value
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: Union[str, Path]) -> Config:
+    return config_from_dict(read_config_file(path))

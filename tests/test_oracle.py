@@ -1,0 +1,124 @@
+"""The oracle pins the convention: its flow map satisfies the three rules and the tangent condition."""
+
+import pytest
+import torch
+
+from flowmaps.jvp import jvp
+from flowmaps.oracle import Gaussian, GaussianMixture
+from tests.conftest import small_mixture
+
+
+def _points(n=64, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    a, b = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    return x, torch.maximum(a, b), torch.minimum(a, b), g
+
+
+def test_boundary_and_composition(gaussian):
+    x, s, t, g = _points()
+    u = t + (s - t) * torch.rand(s.shape, generator=g, dtype=torch.float64)
+    assert torch.allclose(gaussian.flow_map(x, s, s), x, atol=1e-12)
+    composed = gaussian.flow_map(gaussian.flow_map(x, s, u), u, t)
+    assert torch.allclose(composed, gaussian.flow_map(x, s, t), atol=1e-10)
+    # inverse direction: data -> noise -> back
+    assert torch.allclose(gaussian.flow_map(gaussian.flow_map(x, t, s), s, t), x, atol=1e-10)
+
+
+def test_lagrangian_rule(gaussian):
+    """d/dt F(x, s, t) = v(F(x, s, t), t)."""
+    x, s, t, _ = _points()
+    jump, d_dt = jvp(lambda t_: gaussian.flow_map(x, s, t_), (t,), (torch.ones_like(t),))
+    assert torch.allclose(d_dt, gaussian.velocity(jump, t), atol=1e-5)
+
+
+def test_eulerian_rule(gaussian):
+    """d/ds F(x, s, t) + grad_x F(x, s, t) . v(x, s) = 0."""
+    x, s, t, _ = _points()
+    v = gaussian.velocity(x, s)
+    _, total = jvp(lambda x_, s_: gaussian.flow_map(x_, s_, t), (x, s), (v, torch.ones_like(s)))
+    assert total.abs().max() < 1e-5
+
+
+def test_tangent_condition(gaussian):
+    """d/dt F(x, s, t) at t = s is v(x, s)."""
+    x, s, _, _ = _points()
+    _, d_dt = jvp(lambda t_: gaussian.flow_map(x, s, t_), (s.clone(),), (torch.ones_like(s),))
+    assert torch.allclose(d_dt, gaussian.velocity(x, s), atol=1e-5)
+
+
+def test_sign_convention_sampling_goes_noise_to_data(gaussian):
+    """F(eps, 1, 0) has the data distribution: mean mu and std c (t = 0 is data)."""
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(200_000, 3, generator=g, dtype=torch.float64)
+    x0 = gaussian.flow_map(eps, 1.0, 0.0)
+    assert torch.allclose(x0.mean(0), gaussian.means[0], atol=0.02)
+    assert torch.allclose(x0.std(0), gaussian.stds[0], rtol=0.02)
+
+
+def test_mixture_velocity_matches_monte_carlo(schedule):
+    """v(x, t) = E[alpha' x_0 + sigma' eps | x_t = x], estimated by self-normalised importance weights."""
+    mix = small_mixture(schedule)
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    x0 = mix.sample(n, g).double()
+    t = 0.6
+    x = torch.tensor([[0.2, -0.1], [-0.8, 0.4]], dtype=torch.float64)
+    a, s = schedule.alpha(torch.tensor(t)), schedule.sigma(torch.tensor(t))
+    da, ds = schedule.d_alpha(torch.tensor(t)), schedule.d_sigma(torch.tensor(t))
+    for xi, vi in zip(x, mix.velocity(x, t)):
+        # x_t = x given x_0 fixes eps = (x - a x_0) / s; weight p(x | x_0) = N(x; a x_0, s^2)
+        eps = (xi - a * x0) / s
+        logw = -0.5 * (eps**2).sum(1)
+        w = torch.softmax(logw, 0)
+        mc = (w[:, None] * (da * x0 + ds * eps)).sum(0)
+        assert torch.allclose(vi, mc, atol=2e-2), (vi, mc)
+
+
+def test_mixture_denoiser_consistent_with_velocity(schedule):
+    mix = small_mixture(schedule)
+    x = torch.randn(10, 2, dtype=torch.float64)
+    t = torch.full((10,), 0.4, dtype=torch.float64)
+    assert torch.allclose(schedule.denoiser_to_velocity(mix.denoiser(x, t), x, t), mix.velocity(x, t), atol=1e-10)
+
+
+def test_single_component_mixture_flow_map_matches_closed_form(schedule):
+    closed = Gaussian([0.5, -1.0], [0.3, 1.5], schedule=schedule)
+    integrated = GaussianMixture([1.0], [[0.5, -1.0]], [[0.3, 1.5]], schedule=schedule)
+    x, s, t, _ = _points(32, 2)
+    assert torch.allclose(integrated.flow_map(x, s, t), closed.flow_map(x, s, t), atol=1e-7)
+
+
+def test_mixture_flow_map_rules():
+    mix = small_mixture()
+    x, s, t, g = _points(32, 2)
+    u = t + (s - t) * torch.rand(s.shape, generator=g, dtype=torch.float64)
+    assert torch.allclose(mix.flow_map(mix.flow_map(x, s, u), u, t), mix.flow_map(x, s, t), atol=1e-6)
+    jump, d_dt = jvp(lambda t_: mix.flow_map(x, s, t_), (t,), (torch.ones_like(t),), backend="finite_difference",
+                     fd_step=1e-5)
+    assert torch.allclose(d_dt, mix.velocity(jump, t), atol=1e-5)
+
+
+def test_mixture_flow_map_transports_marginals():
+    """Exact samples at s = 0.9 pushed to t = 0.2 match exact samples at t = 0.2 (energy distance)."""
+    from flowmaps.metrics import energy_distance
+
+    mix = small_mixture()
+    g = torch.Generator().manual_seed(3)
+    xs = mix.sample_xt(3000, 0.9, g).double()
+    moved = mix.flow_map(xs, 0.9, 0.2)
+    ref = mix.sample_xt(3000, 0.2, g).double()
+    wrong = mix.flow_map(xs, 0.9, 0.6)
+    assert energy_distance(moved, ref) < 0.01
+    assert energy_distance(wrong, ref) > 5 * max(energy_distance(moved, ref), 0.005)
+
+
+def test_bad_mixture_spec():
+    with pytest.raises(ValueError, match="weights must be positive"):
+        GaussianMixture([-1.0, 2.0], [[0.0], [1.0]], [[1.0], [1.0]])
+    with pytest.raises(ValueError, match="standard deviations must be positive"):
+        GaussianMixture([1.0], [[0.0, 1.0]], [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="shape"):
+        GaussianMixture([1.0, 1.0], [[0.0, 1.0]], [[1.0, 1.0]])
+    with pytest.raises(ValueError, match="must lie in"):
+        small_mixture().flow_map(torch.zeros(2, 2), 1.5, 0.0)

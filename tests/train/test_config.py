@@ -1,0 +1,43 @@
+import pytest
+
+from flowmaps.train.config import ConfigError, apply_override, config_from_dict, read_config_file
+
+
+def test_defaults_are_valid():
+    cfg = config_from_dict({})
+    assert cfg.method["name"] == "lsd" and cfg.data.name == "checkerboard"
+
+
+@pytest.mark.parametrize(
+    "values,msg",
+    [
+        ({"optim": {"lr": -1.0}}, "optim.lr must be positive"),
+        ({"train": {"steps": -5}}, "train.steps must be positive"),
+        ({"train": {"steps": "many"}}, "train.steps must be of type int"),
+        ({"optim": {"learning_rate": 1e-3}}, r"unknown key\(s\) \['optim.learning_rate'\]"),
+        ({"trian": {}}, r"unknown config section\(s\) \['trian'\]"),
+        ({"method": {"name": "lsd", "diagonal_fraction": 1.5}}, "diagonal_fraction must lie in"),
+        ({"method": {"name": "lsd", "diag_frac": 0.5}}, r"has no option\(s\) \['diag_frac'\]"),
+        ({"method": {"name": "magic"}}, "unknown method 'magic'"),
+        ({"optim": {"optimizer": "sgd"}}, "optim.optimizer must be one of"),
+        ({"eval": {"nfe": [1, 0]}}, "eval.nfe entries must be positive"),
+    ],
+)
+def test_bad_values_name_the_key(values, msg):
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict(values)
+
+
+def test_files_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("method:\n  name: lsd\n  diagonal_fraction: 0.5\noptim:\n  lr: 3e-4\n")
+    (tmp_path / "c.toml").write_text('[train]\nsteps = 10\n[method]\nname = "fm"\n')
+    values = read_config_file(tmp_path / "c.yaml")
+    apply_override(values, "train.batch_size=64")
+    cfg = config_from_dict(values)
+    assert cfg.optim.lr == 3e-4 and cfg.method["diagonal_fraction"] == 0.5 and cfg.train.batch_size == 64
+    assert config_from_dict(read_config_file(tmp_path / "c.toml")).method == {"name": "fm"}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_override(values, "lr=3")
+    with pytest.raises(ConfigError, match="must end in"):
+        (tmp_path / "x.txt").write_text("a: 1")
+        read_config_file(tmp_path / "x.txt")
