@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/flowmaps train --out runs/demo
+	$(VENV)/bin/flowmaps train --out runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -3,8 +3,19 @@ import torch
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.oracle import ExactAverageVelocity
-from flowmaps.samplers import as_grid, sample_flow_map, sample_ode, time_grid
+from flowmaps.samplers import (
+    as_grid,
+    invert,
+    round_trip_error,
+    sample_consistency,
+    sample_flow_map,
+    sample_gamma,
+    sample_ode,
+    time_at_noise_ratio,
+    time_grid,
+)
 from tests.conftest import small_mixture
+from tests.methods.exact_models import exact_model
 
 
 @pytest.mark.parametrize("grid", [1, 2, 5, [1.0, 0.93, 0.4, 0.05, 0.0], [0.9, 0.3]])
@@ -45,3 +56,86 @@ def test_inversion_grid_maps_data_to_noise(exact_gaussian_map, gaussian):
 def test_bad_grids(grid, msg):
     with pytest.raises(ValueError, match=msg):
         as_grid(grid, None, torch.float32) if not isinstance(grid, int) else time_grid(grid)
+
+
+def _assert_exact_marginal(x, gaussian, t):
+    """``x`` is a sample of the Gaussian's marginal at time ``t``: standardised moments within 5 standard errors."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    a, s = gaussian.schedule.alpha(tt), gaussian.schedule.sigma(tt)
+    z = (x - a * gaussian.means[0]) / torch.sqrt(a**2 * gaussian.stds[0] ** 2 + s**2)
+    n = x.shape[0]
+    assert z.mean(0).abs().max() < 5 / n**0.5, (t, z.mean(0))
+    assert (z.var(0) - 1).abs().max() < 5 * (2 / n) ** 0.5, (t, z.var(0))
+
+
+GRID = [1.0, 0.8, 0.45, 0.2, 0.0]
+
+
+@pytest.mark.parametrize("sampler", ["consistency", "gamma"])
+def test_renoising_samplers_give_exact_marginals_at_every_step(exact_gaussian_map, gaussian, sampler):
+    """Jump to data and re-noise (or CTM's partial jump plus noise): with the exact map every step is
+    an exact sample of the marginal at its time, for the linear and the cosine schedule."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(100_000, 3, generator=g, dtype=torch.float64)
+    for k in range(2, len(GRID) + 1):
+        grid = GRID[:k]
+        if sampler == "consistency":
+            x = sample_consistency(exact_gaussian_map, noise, grid, gaussian.schedule, g)
+        else:
+            x = sample_gamma(exact_gaussian_map, noise, grid, 0.6, gaussian.schedule, g)
+        _assert_exact_marginal(x, gaussian, grid[-1])
+
+
+def test_consistency_sampler_jumps_with_f_to_zero(exact_gaussian_map, gaussian):
+    noise = torch.randn(64, 3, dtype=torch.float64)
+    assert torch.allclose(sample_consistency(exact_gaussian_map, noise, 1), gaussian.flow_map(noise, 1.0, 0.0))
+    # the last step of a multistep run is a jump F(x, t_{N-1}, 0) from a re-noised data sample
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x_mid = sample_consistency(exact_gaussian_map, noise, [1.0, 0.5], gaussian.schedule, g1)
+    final = sample_consistency(exact_gaussian_map, noise, [1.0, 0.5, 0.0], gaussian.schedule, g2)
+    assert torch.allclose(final, gaussian.flow_map(x_mid, 0.5, 0.0))
+
+
+def test_gamma_sampler_interpolates_composition_and_consistency(exact_gaussian_map, gaussian):
+    noise = torch.randn(64, 3, dtype=torch.float64)
+    assert torch.equal(sample_gamma(exact_gaussian_map, noise, 4, 0.0), sample_flow_map(exact_gaussian_map, noise, 4))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    full = sample_gamma(exact_gaussian_map, noise, 4, 1.0, gaussian.schedule, g1)
+    assert torch.allclose(full, sample_consistency(exact_gaussian_map, noise, 4, gaussian.schedule, g2), atol=1e-12)
+
+
+def test_time_at_noise_ratio_inverts_the_schedule(schedule):
+    import math
+
+    for ratio in (0.0, 0.01, 0.7, 3.0, 40.0):
+        t = time_at_noise_ratio(schedule, ratio)
+        exact = ratio / (1 + ratio) if schedule.name == "linear" else 2 / math.pi * math.atan(ratio)
+        assert abs(t - exact) < 1e-12, (ratio, t, exact)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_inversion_and_round_trip_of_the_exact_map(exact_gaussian_map, gaussian, steps):
+    x0 = gaussian.sample(256, torch.Generator().manual_seed(0)).double()
+    assert torch.allclose(invert(exact_gaussian_map, x0, steps), gaussian.flow_map(x0, 0.0, 1.0), atol=1e-10)
+    errors = round_trip_error(exact_gaussian_map, x0, steps)
+    assert errors["max"] < 1e-10 and errors["relative"] < 1e-10
+
+
+def test_round_trip_error_sees_a_map_that_is_not_its_own_inverse(gaussian):
+    model = exact_model(gaussian)
+    with torch.no_grad():
+        model.net.delta.fill_(0.05)
+    x0 = gaussian.sample(256, torch.Generator().manual_seed(0)).double()
+    errors = round_trip_error(model, x0, 2)
+    assert errors["relative"] > 1e-3 and errors["max"] >= errors["mean"] > 0
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda m, x: sample_consistency(m, x, [0.0, 1.0]), "decreasing"),
+    (lambda m, x: sample_gamma(m, x, 2, gamma=1.5), "gamma"),
+    (lambda m, x: sample_gamma(m, x, [0.2, 0.9]), "decreasing"),
+    (lambda m, x: invert(m, x, [1.0, 0.0]), "increasing"),
+])
+def test_bad_sampler_arguments(exact_gaussian_map, call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call(exact_gaussian_map, torch.zeros(2, 3, dtype=torch.float64))

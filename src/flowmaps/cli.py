@@ -1,11 +1,15 @@
-"""The ``flowmaps`` command line: ``train``, ``sample``, ``methods``.
+"""The ``flowmaps`` command line: ``train``, ``sample``, ``bench``, ``methods``.
 
-The CLI only parses arguments, builds a validated config and calls the library.
+The CLI only parses arguments, builds a validated config and calls the library. Data-parallel
+training runs the same command under torchrun: ``torchrun --nproc_per_node N -m flowmaps train ...``
+(only rank 0 prints; see ``docs/training.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,12 +18,15 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from flowmaps.train.config import ConfigError, apply_override, config_from_dict, read_config_file
+from flowmaps.train.config import Config, ConfigError, apply_override, config_from_dict, read_config_file
 
 
-def _train(args: argparse.Namespace) -> int:
-    from flowmaps.train.loop import default_run_dir, train
+_RESUME_CONFLICTS = ("config", "data", "method", "batch_size", "seed", "teacher", "out", "overwrite")
+_RESUME_SETTABLE = ("train.steps", "train.device", "train.log_every", "train.compile", "train.grad_accum",
+                    "checkpoint.", "guard.", "distributed.", "eval.")
 
+
+def _config_from_args(args: argparse.Namespace) -> Config:
     values = read_config_file(args.config) if args.config else {}
     shortcuts = {"data.name": args.data, "method.name": args.method, "train.steps": args.steps,
                  "train.batch_size": args.batch_size, "train.seed": args.seed, "train.device": args.device}
@@ -35,15 +42,74 @@ def _train(args: argparse.Namespace) -> int:
             values.setdefault(section, {})[name] = value
     for assignment in args.set or []:
         apply_override(values, assignment)
-    cfg = config_from_dict(values)
-    out = Path(args.out) if args.out else default_run_dir(cfg)
-    print(f"flowmaps: training {cfg.method['name']} on {cfg.data.name} for {cfg.train.steps} steps -> {out}")
+    return config_from_dict(values)
+
+
+def _resume_config(args: argparse.Namespace) -> tuple[Path, Config]:
+    """The config saved in the run directory, with the few changes a resumed run may take."""
+    from flowmaps.runs import CONFIG_FILE
+
+    run_dir = Path(args.resume)
+    given = [f"--{name.replace('_', '-')}" for name in _RESUME_CONFLICTS if getattr(args, name)]
+    if given:
+        raise ValueError(f"--resume continues {run_dir} with its own {CONFIG_FILE}; it cannot be combined with "
+                         f"{', '.join(given)}")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a flowmaps run directory (no {CONFIG_FILE}) and cannot be resumed")
+    values = read_config_file(run_dir / CONFIG_FILE)
+    for key, value in (("steps", args.steps), ("device", args.device)):
+        if value is not None:
+            values.setdefault("train", {})[key] = value
+    for assignment in args.set or []:
+        if not assignment.split("=", 1)[0].startswith(_RESUME_SETTABLE):
+            raise ConfigError(f"--set {assignment} would change what a resumed run computes; only "
+                              f"{', '.join(_RESUME_SETTABLE)} can be set with --resume (start a new run instead)")
+        apply_override(values, assignment)
+    return run_dir, config_from_dict(values)
+
+
+class _StderrHandler(logging.Handler):
+    """Training messages on the current ``sys.stderr``, prefixed like every CLI message."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"flowmaps: {self.format(record)}", file=sys.stderr)
+
+
+def _show_training_messages() -> None:
+    logger = logging.getLogger("flowmaps")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.INFO)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flowmaps.train.distributed import GradientSyncError, is_main_process
+    from flowmaps.train.loop import TrainingInterrupted, default_run_dir, train
+    from flowmaps.train.precision import CompileCheckError
+
+    if args.resume:
+        out, cfg = _resume_config(args)
+    else:
+        cfg = _config_from_args(args)
+        out = Path(args.out) if args.out else default_run_dir(cfg)
+    say = print if is_main_process() else (lambda *a, **k: None)
+    _show_training_messages()
+    verb = "resuming" if args.resume else "training"
+    say(f"flowmaps: {verb} {cfg.method['name']} on {cfg.data.name} for {cfg.train.steps} steps -> {out}")
     start = time.perf_counter()
-    result = train(cfg, out, progress=not args.no_progress)
+    try:
+        result = train(cfg, out, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        say(f"flowmaps: stopped by {signal.Signals(stop.signum).name} after {stop.step} steps; checkpoint "
+            f"{stop.checkpoint}; continue with `flowmaps train --resume {out}`")
+        return 128 + stop.signum
+    except (GradientSyncError, CompileCheckError) as err:
+        print(f"flowmaps: error: {err}", file=sys.stderr)
+        return 2
     table = (out / "metrics.md").read_text() if (out / "metrics.md").exists() else ""
-    print(table)
-    print(f"flowmaps: done in {time.perf_counter() - start:.1f}s (training {result.train_seconds:.1f}s); "
-          f"wrote {out}/samples.png, metrics.json, metrics.md")
+    say(table)
+    say(f"flowmaps: done in {time.perf_counter() - start:.1f}s (training {result.train_seconds:.1f}s); "
+        f"wrote {out}/samples.png, metrics.json, metrics.md")
     return 0
 
 
@@ -76,6 +142,33 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from flowmaps.bench import FULL, QUICK, run_bench, write_report
+
+    cfg = QUICK if args.quick else FULL
+    changes = {"datasets": args.data, "methods": args.methods, "steps": args.steps,
+               "batch_size": args.batch_size, "n_samples": args.n_samples, "device": args.device}
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1; got {args.seeds}")
+        changes["seeds"] = list(range(args.seeds))
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    out = Path(args.out) if args.out else Path("results") / f"bench-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"flowmaps: benchmarking {', '.join(cfg.methods) if cfg.methods else 'every registered method'} on "
+          f"{', '.join(cfg.datasets)} with seeds {cfg.seeds} -> {out}")
+    result = run_bench(cfg, out, log=(lambda m: print(m, flush=True)) if not args.no_progress else (lambda _: None))
+    print(write_report(result, out))
+    print(f"flowmaps: bench done in {result.seconds:.0f}s; wrote {out}/table.md, results.csv, summary.csv and plots")
+    return 0
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmaps", description="Train and sample flow maps F(x, s, t).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<method>-<data>-<time>)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest valid checkpoint (takes --steps, --device and "
+                        "--set for checkpoint/guard/eval keys); see docs/training.md")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out directory that holds checkpoints")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
@@ -104,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("bench", help="train every method with an equal budget and measure it against exact samples")
+    p.add_argument("--quick", action="store_true", help="a few-minute run (8gaussians, 2 seeds, 150 steps, 1024 samples)")
+    p.add_argument("--data", type=_name_list, help="comma-separated data specs (default: checkerboard,8gaussians)")
+    p.add_argument("--methods", type=_name_list, help="comma-separated method names (default: every registered one)")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    p.add_argument("--steps", type=int, help="training steps per method")
+    p.add_argument("--batch-size", type=int, help="batch size per method")
+    p.add_argument("--n-samples", type=int, help="samples per sampler for the metrics")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--out", help="results directory (default results/bench-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("methods", help="list training methods with their rule, setting and cost")
     p.set_defaults(func=_methods)

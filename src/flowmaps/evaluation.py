@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from flowmaps import metrics
 from flowmaps.data import DataSource
-from flowmaps.samplers import ode_nfe, sample_flow_map, sample_ode
+from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode
+from flowmaps.schedules import Schedule
 from flowmaps.train.config import EvalConfig
 
 ENERGY_SAMPLES = 4096
@@ -31,13 +32,24 @@ def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, data_name: st
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: DataSource, cfg: EvalConfig, seed: int, device: torch.device
+    model: nn.Module,
+    data: DataSource,
+    cfg: EvalConfig,
+    seed: int,
+    device: torch.device,
+    multistep_sampler: str = "flow_map",
+    schedule: Optional[Schedule] = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metrics of ``model``'s samples against fresh data, with the floor of two exact data samples.
 
+    ``multistep_sampler`` is the method's own: ``"flow_map"`` composes ``F`` over the grid and adds
+    the diagonal ODE baseline; ``"consistency"`` (maps trained only towards ``t = 0``) jumps to data
+    and re-noises with ``schedule`` between steps, and has no ODE baseline (its diagonal is untrained).
     Returns ``(metrics, samples)``; ``samples`` maps panel names (``data``, ``1 step``, ...,
-    ``ODE heun 64``) to ``[n, D]`` CPU tensors for plotting.
+    ``ODE heun (64 NFE)``) to ``[n, D]`` CPU tensors for plotting.
     """
+    if multistep_sampler not in ("flow_map", "consistency"):
+        raise ValueError(f"unknown multistep sampler {multistep_sampler!r}; use 'flow_map' or 'consistency'")
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     n = cfg.n_samples
     reference = data.sample(n, gen).cpu()
@@ -49,13 +61,20 @@ def evaluate(
     }
     panels = {"data": reference}
     for k in cfg.nfe:
-        x = sample_flow_map(model, noise, k).cpu()
-        results[f"flow map, {k} step{'s' if k > 1 else ''}"] = {"nfe": k, **sample_metrics(x, reference, data.name)}
-        panels[f"{k} step{'s' if k > 1 else ''}"] = x
-    x = sample_ode(model, noise, cfg.ode_steps, cfg.ode_solver).cpu()
-    label = f"ODE {cfg.ode_solver} {cfg.ode_steps} steps"
-    results[label] = {"nfe": ode_nfe(cfg.ode_steps, cfg.ode_solver), **sample_metrics(x, reference, data.name)}
-    panels[f"ODE {cfg.ode_solver} ({ode_nfe(cfg.ode_steps, cfg.ode_solver)} NFE)"] = x
+        steps = f"{k} step{'s' if k > 1 else ''}"
+        if multistep_sampler == "consistency":
+            x = sample_consistency(model, noise, k, schedule, generator=gen).cpu()
+            label = f"consistency, {steps}"
+        else:
+            x = sample_flow_map(model, noise, k).cpu()
+            label = f"flow map, {steps}"
+        results[label] = {"nfe": k, **sample_metrics(x, reference, data.name)}
+        panels[steps] = x
+    if multistep_sampler == "flow_map":
+        x = sample_ode(model, noise, cfg.ode_steps, cfg.ode_solver).cpu()
+        nfe = ode_nfe(cfg.ode_steps, cfg.ode_solver)
+        results[f"ODE {cfg.ode_solver} {cfg.ode_steps} steps"] = {"nfe": nfe, **sample_metrics(x, reference, data.name)}
+        panels[f"ODE {cfg.ode_solver} ({nfe} NFE)"] = x
     return results, panels
 
 

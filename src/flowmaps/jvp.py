@@ -2,8 +2,9 @@
 
 ``jvp(fn, primals, tangents)`` returns ``(fn(*primals), d/de fn(*(p + e * d)) at e = 0)``. Flow-map
 losses need it along tangents of ``(x, s, t)``: the Lagrangian rule uses ``(0, 0, 1)`` (``d/dt F``),
-the Eulerian rule uses ``(v, 1, 0)`` (``d/ds F + grad_x F . v``). Both outputs stay differentiable
-with respect to the parameters ``fn`` closes over, so a loss may back-propagate through the tangent.
+the Eulerian rule uses ``(v, 1, 0)`` (``d/ds F + grad_x F . v``). ``flow_jvp`` is the entry point the
+methods use: it calls the model only as ``model(x, s, t, cond, output=..., check_times=False)`` and
+decides where gradients flow.
 
 Backends:
 
@@ -11,16 +12,59 @@ Backends:
 - ``"forward_ad"``: ``torch.autograd.forward_ad`` dual tensors (forward mode).
 - ``"double_backward"``: the double-vjp trick, for kernels with backward but no forward-mode rule.
 - ``"finite_difference"``: central difference ``(f(p + h d) - f(p - h d)) / 2h``; the fallback for
-  anything else. Its error is ``O(h^2)``; run it in float64 where accuracy matters.
+  anything else. Its error is ``O(h^2)``; ``flow_jvp`` runs it in float64 unless told otherwise.
+
+Gradient modes of ``flow_jvp`` (``grad=``):
+
+- ``"full"``: primal and tangent both carry gradients (losses that back-propagate through the
+  derivative: LMD, EMD, LSD, TVM). One pass of the backend through the model's own forward. Under
+  ``DistributedDataParallel`` the ``"func"`` backend is replaced by ``"forward_ad"`` (the same
+  derivative): DDP rebuilds its gradient buckets during the second gradient-enabled forward, which
+  fails inside ``torch.func.jvp`` ("Cannot access data pointer of Tensor that doesn't have
+  storage"), whereas dual tensors are ordinary tensors to it.
+- ``"primal"``: the tangent sits under stop-gradient. Under ``DistributedDataParallel``, for the
+  ``double_backward`` and ``finite_difference`` backends and for a higher-precision tangent
+  (``tangent_dtype``), it is computed without gradient and the gradient-carrying primal comes from
+  a *separate ordinary forward*: under DDP that forward is what registers the gradient hooks, so
+  gradient synchronisation never depends on how a backend interacts with DDP. The random-number
+  state is replayed before that forward (CPU and the input's accelerator), so dropout masks are
+  identical in both passes. Otherwise (a forward-mode backend, no DDP) one pass computes both and
+  the tangent is detached: the same values and gradients, one forward fewer.
+- ``"none"``: everything without gradient (targets).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+from torch import nn
 
 JVP_BACKENDS = ("func", "forward_ad", "double_backward", "finite_difference")
+GRAD_MODES = ("full", "primal", "none")
+
+TangentLike = Union[float, torch.Tensor]
+
+
+class RandomReplay:
+    """Capture the random-number state now (CPU and, for a CUDA ``device``, that GPU); ``restore()``
+    rewinds to it, so a second pass draws the same dropout masks as the first."""
+
+    def __init__(self, device: torch.device):
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_device = device if device.type == "cuda" else None
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda_device is not None else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda_device is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.cuda_device)
+
+
+def check_backend(backend: str, owner: str = "jvp_backend") -> None:
+    """Raise a ``ValueError`` naming ``owner`` unless ``backend`` is one of ``JVP_BACKENDS``."""
+    if backend not in JVP_BACKENDS:
+        raise ValueError(f"unknown {owner}: {backend!r}; choose one of {JVP_BACKENDS}")
 
 
 def jvp(
@@ -28,24 +72,27 @@ def jvp(
     primals: Sequence[torch.Tensor],
     tangents: Sequence[torch.Tensor],
     backend: str = "func",
-    fd_step: float | None = None,
+    fd_step: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(fn(*primals), J_fn(primals) . tangents)`` computed with ``backend``."""
+    """Return ``(fn(*primals), J_fn(primals) . tangents)`` computed with ``backend``.
+
+    Both outputs stay differentiable with respect to whatever ``fn`` closes over (its parameters),
+    unless the caller runs this under ``torch.no_grad``.
+    """
     primals, tangents = tuple(primals), tuple(tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"jvp needs one tangent per primal; got {len(primals)} primals, {len(tangents)} tangents")
     for i, (p, d) in enumerate(zip(primals, tangents)):
         if p.shape != d.shape:
             raise ValueError(f"tangent {i} has shape {tuple(d.shape)}, primal has shape {tuple(p.shape)}")
+    check_backend(backend, "JVP backend")
     if backend == "func":
         return torch.func.jvp(fn, primals, tangents)
     if backend == "forward_ad":
         return _forward_ad(fn, primals, tangents)
     if backend == "double_backward":
         return _double_backward(fn, primals, tangents)
-    if backend == "finite_difference":
-        return _finite_difference(fn, primals, tangents, fd_step)
-    raise ValueError(f"unknown JVP backend {backend!r}; choose one of {JVP_BACKENDS}")
+    return _finite_difference(fn, primals, tangents, fd_step)
 
 
 def _forward_ad(fn, primals, tangents):
@@ -68,13 +115,124 @@ def _double_backward(fn, primals, tangents):
         dot = sum((g * d).sum() for g, d in zip(grads, tangents) if g is not None)
         if not isinstance(dot, torch.Tensor):
             return out, torch.zeros_like(out)
-        (tangent,) = torch.autograd.grad(dot, u, create_graph=True)
+        (tangent,) = torch.autograd.grad(dot, u, create_graph=True, allow_unused=True)
+    if tangent is None:  # the output does not depend on the inputs along the tangent
+        tangent = torch.zeros_like(out)
     return out, tangent
 
 
 def _finite_difference(fn, primals, tangents, step):
     if step is None:
         step = 1e-6 if primals[0].dtype == torch.float64 else 1e-3
+    if not step > 0:
+        raise ValueError(f"the finite-difference step must be positive; got {step}")
+    replay = RandomReplay(primals[0].device)  # the three evaluations see the same dropout masks
     plus = fn(*[p + step * d for p, d in zip(primals, tangents)])
+    replay.restore()
     minus = fn(*[p - step * d for p, d in zip(primals, tangents)])
+    replay.restore()
     return fn(*primals), (plus - minus) / (2 * step)
+
+
+def _as_time_tangent(d: Optional[TangentLike], like: torch.Tensor, name: str) -> torch.Tensor:
+    if d is None:
+        return torch.zeros_like(like)
+    if not isinstance(d, torch.Tensor):
+        return torch.full_like(like, float(d))
+    d = d.to(device=like.device, dtype=like.dtype)
+    if d.dim() == 0:
+        return d.expand_as(like).clone()
+    if d.shape != like.shape:
+        raise ValueError(f"tangent {name} must be a float or a tensor of shape {tuple(like.shape)}; got {tuple(d.shape)}")
+    return d
+
+
+def _in_dtype(model: nn.Module, cond: Optional[torch.Tensor], output: str, dtype: torch.dtype):
+    """``(x, s, t) -> model(x, s, t, cond)`` evaluated with every floating parameter and buffer cast to
+    ``dtype`` (the module itself is left untouched)."""
+    state = {
+        name: (value.to(dtype) if value.is_floating_point() else value)
+        for name, value in list(model.named_parameters()) + list(model.named_buffers())
+    }
+    cond_cast = cond.to(dtype) if cond is not None and cond.is_floating_point() else cond
+
+    def fn(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(
+            model, state, (x, s, t, cond_cast), {"output": output, "check_times": False}
+        )
+
+    return fn
+
+
+def flow_jvp(
+    model: nn.Module,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    cond: Optional[torch.Tensor] = None,
+    *,
+    dx: Optional[torch.Tensor] = None,
+    ds: Optional[TangentLike] = None,
+    dt: Optional[TangentLike] = None,
+    output: str = "F",
+    backend: str = "func",
+    grad: str = "full",
+    tangent_dtype: Optional[torch.dtype] = None,
+    fd_step: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G(x, s, t), d/de G(x + e dx, s + e ds, t + e dt) at e = 0)`` for ``G = F`` or ``V`` (``output``).
+
+    ``s`` and ``t`` are ``[B]`` tensors; ``dx`` is shaped like ``x`` (default 0); ``ds`` and ``dt``
+    are floats or ``[B]`` tensors (default 0). ``grad`` is ``"full"``, ``"primal"`` or ``"none"``
+    (module docstring). ``tangent_dtype`` (e.g. ``torch.float64``) computes a stop-gradient tangent in
+    higher precision; the ``"finite_difference"`` backend uses float64 for it by default.
+
+    Example, the Eulerian residual ``d/ds F + grad_x F . v`` at ``(x_s, s, t)``::
+
+        F, residual = flow_jvp(model, x_s, s, t, dx=v, ds=1.0, output="F")
+    """
+    check_backend(backend)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"unknown gradient mode {grad!r}; choose one of {GRAD_MODES}")
+    if output not in ("F", "V"):
+        raise ValueError(f"output must be 'F' or 'V'; got {output!r}")
+    if s.shape != (x.shape[0],) or t.shape != (x.shape[0],):
+        raise ValueError(f"flow_jvp needs s and t of shape [B] = [{x.shape[0]}]; got {tuple(s.shape)}, {tuple(t.shape)}")
+    dx = torch.zeros_like(x) if dx is None else dx
+    if dx.shape != x.shape:
+        raise ValueError(f"tangent dx has shape {tuple(dx.shape)}, x has shape {tuple(x.shape)}")
+    tangents = (dx, _as_time_tangent(ds, s, "ds"), _as_time_tangent(dt, t, "dt"))
+
+    def fn(x_: torch.Tensor, s_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+        return model(x_, s_, t_, cond, output=output, check_times=False)
+
+    if grad == "full":
+        if tangent_dtype is not None:
+            raise ValueError("tangent_dtype applies to stop-gradient tangents only (grad='primal' or 'none')")
+        if backend == "func" and isinstance(model, nn.parallel.DistributedDataParallel):
+            backend = "forward_ad"
+        return jvp(fn, (x, s, t), tangents, backend, fd_step)
+
+    if tangent_dtype is None and backend == "finite_difference":
+        tangent_dtype = torch.float64
+    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+    if grad == "primal" and tangent_dtype is None and backend in ("func", "forward_ad") and not distributed:
+        primal, tangent = jvp(fn, (x, s, t), tangents, backend, fd_step)
+        return primal, tangent.detach()
+    replay = RandomReplay(x.device)
+    with torch.no_grad():
+        if tangent_dtype is not None and tangent_dtype != x.dtype:
+            cast = lambda z: z.to(tangent_dtype)  # noqa: E731
+            primal, tangent = jvp(_in_dtype(model, cond, output, tangent_dtype), (cast(x), cast(s), cast(t)),
+                                  tuple(cast(d) for d in tangents), backend, fd_step)
+            primal, tangent = primal.to(x.dtype), tangent.to(x.dtype)
+        else:
+            primal, tangent = jvp(fn, (x, s, t), tangents, backend, fd_step)
+    tangent = tangent.detach()
+    if grad == "none":
+        return primal.detach(), tangent
+    replay.restore()
+    return fn(x, s, t), tangent
+
+
+__all__ = ["JVP_BACKENDS", "GRAD_MODES", "RandomReplay", "check_backend", "jvp", "flow_jvp"]

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 
-def plot_panels(panels: dict[str, torch.Tensor], path: Union[str, Path], title: str = "", limit: float = 1.6) -> None:
-    """One 2D histogram per panel (the first two coordinates), side by side, saved as a PNG."""
+def plot_panels(
+    panels: dict[str, torch.Tensor], path: Union[str, Path], title: str = "", limit: Optional[float] = None
+) -> None:
+    """One 2D histogram per panel (the first two coordinates), side by side, saved as a PNG.
+
+    The square window is ``[-limit, limit]^2``; by default 1.25 times the 99.5th percentile of
+    ``|x|`` in the first panel (the data), so every data set is framed alike.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if limit is None:
+        first = next(iter(panels.values())).reshape(-1).float().abs()
+        limit = 1.25 * float(torch.quantile(first[:100_000], 0.995))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
     for ax, (name, x) in zip(axes[0], panels.items()):
         x = x.reshape(x.shape[0], -1).float().numpy()

@@ -21,6 +21,17 @@ def test_defaults_are_valid():
         ({"method": {"name": "magic"}}, "unknown method 'magic'"),
         ({"optim": {"optimizer": "sgd"}}, "optim.optimizer must be one of"),
         ({"eval": {"nfe": [1, 0]}}, "eval.nfe entries must be positive"),
+        ({"train": {"grad_accum": 0}}, "train.grad_accum must be positive"),
+        ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
+        ({"train": {"compile": "yes"}}, "train.compile must be of type bool"),
+        ({"checkpoint": {"every": -1}}, "checkpoint.every must be non-negative"),
+        ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last must be positive"),
+        ({"checkpoint": {"keep": 2}}, r"unknown key\(s\) \['checkpoint.keep'\]"),
+        ({"guard": {"lr_factor": 0.0}}, r"guard.lr_factor must lie in \(0, 1\]"),
+        ({"guard": {"on_divergence": "ignore"}}, "guard.on_divergence must be one of"),
+        ({"guard": {"max_strikes": 0}}, "guard.max_strikes must be positive"),
+        ({"distributed": {"backend": "mpi"}}, "distributed.backend must be one of"),
+        ({"distributed": {"check_steps": -1}}, "distributed.check_steps must be non-negative"),
     ],
 )
 def test_bad_values_name_the_key(values, msg):
@@ -41,3 +52,14 @@ def test_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="must end in"):
         (tmp_path / "x.txt").write_text("a: 1")
         read_config_file(tmp_path / "x.txt")
+
+
+def test_resolved_config_round_trips_with_the_training_sections(tmp_path):
+    from flowmaps.train.config import CheckpointConfig, load_config, save_config
+
+    cfg = config_from_dict({"checkpoint": {"every": 7}, "guard": {"on_divergence": "stop"}, "train": {"grad_accum": 2}})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    old = "train:\n  steps: 5\n"  # a config written before these sections existed still loads
+    (tmp_path / "old.yaml").write_text(old)
+    assert load_config(tmp_path / "old.yaml").checkpoint == CheckpointConfig()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -63,9 +63,22 @@ class Method(ABC):
     setting: str = ""
     cost: int = 0
     needs_teacher: bool = False
+    multistep_sampler: str = "flow_map"  # "consistency" for maps trained only towards t = 0
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
+
+    def initialize(self, model: nn.Module) -> None:
+        """Prepare ``model`` before the first step of a fresh run (not on resume); ECT copies its teacher here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state the method owns (EMA target weights, ...), saved in checkpoints; tensors only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, but a checkpoint holds {sorted(state)}")
 
     @abstractmethod
     def loss(

@@ -3,6 +3,9 @@
 Every key is checked: unknown keys, wrong types and impossible values raise ``ConfigError`` naming
 the key (``optim.lr``, ``method.diagonal_fraction``, ...). Method options live in the ``method``
 section beside ``name`` and are checked against that method's constructor.
+
+Sections: ``data``, ``model``, ``method``, ``optim``, ``train``, ``checkpoint``, ``guard``,
+``distributed``, ``eval`` and ``teacher``; ``docs/training.md`` explains the training-side keys.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adam"  # adam | radam | adamw
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -48,12 +51,36 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 4000
-    batch_size: int = 512
+    steps: int = 6000
+    batch_size: int = 1024
     seed: int = 0
     schedule: str = "linear"  # linear | cosine
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 100
+    grad_accum: int = 1  # micro-batches per optimiser step and process (global batch = batch_size)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the network on CUDA (loss and tangents stay fp32)
+    compile: bool = False  # torch.compile the network (checked against eager JVP tangents at start)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (and one at the end); 0: only on SIGTERM/SIGINT
+    keep_last: int = 3  # newest checkpoints kept, besides the best one
+    keep_best: bool = True  # also keep the checkpoint with the lowest mean training loss of its interval
+
+
+@dataclass
+class GuardConfig:
+    max_strikes: int = 3  # non-finite steps (skipped) before the guard acts
+    on_divergence: str = "rollback"  # rollback (to the last good checkpoint, lower lr) | stop
+    lr_factor: float = 0.5  # learning-rate multiplier applied at each rollback
+    max_rollbacks: int = 2  # rollbacks before the guard stops the run with a report
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    check_steps: int = 3  # first steps whose gradient norms are compared across ranks; 0 disables
 
 
 @dataclass
@@ -71,6 +98,9 @@ class Config:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "lsd"})
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     teacher: Optional[str] = None  # "exact" (mixture data) or a trained run directory
 
@@ -83,11 +113,17 @@ _CHOICES = {
     "optim.lr_schedule": ("cosine", "constant"),
     "train.schedule": ("linear", "cosine"),
     "eval.ode_solver": ("euler", "heun"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "guard.on_divergence": ("rollback", "stop"),
+    "distributed.backend": ("auto", "gloo", "nccl"),
 }
 _POSITIVE = {"model.width", "model.depth", "model.max_freq", "optim.lr", "train.steps",
-             "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps"}
-_NON_NEGATIVE = {"model.num_freqs", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed"}
+             "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps",
+             "train.grad_accum", "checkpoint.keep_last", "guard.max_strikes"}
+_NON_NEGATIVE = {"model.num_freqs", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
+                 "checkpoint.every", "guard.max_rollbacks", "distributed.check_steps"}
 _UNIT = {"optim.beta1", "optim.beta2", "optim.ema_decay"}
+_SECTIONS = ("data", "model", "optim", "train", "checkpoint", "guard", "distributed", "eval")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -122,7 +158,7 @@ def _validate(cfg: Config) -> None:
     from flowmaps.methods import build_method
     from flowmaps.schedules import get_schedule
 
-    for section in ("data", "model", "optim", "train", "eval"):
+    for section in _SECTIONS:
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
             full = f"{section}.{key}"
             if full in _CHOICES and value not in _CHOICES[full]:
@@ -133,6 +169,8 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"{full} must be non-negative; got {value!r}")
             if full in _UNIT and not 0 <= value < 1:
                 raise ConfigError(f"{full} must lie in [0, 1); got {value!r}")
+    if not 0 < cfg.guard.lr_factor <= 1:
+        raise ConfigError(f"guard.lr_factor must lie in (0, 1]; got {cfg.guard.lr_factor!r}")
     if any(n < 1 for n in cfg.eval.nfe):
         raise ConfigError(f"eval.nfe entries must be positive step counts; got {cfg.eval.nfe}")
     if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):

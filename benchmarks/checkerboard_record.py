@@ -1,0 +1,162 @@
+"""The checkerboard record: a flow map trained for a fixed wall-clock budget on a CPU, scored with
+Boffi et al.'s metric (KL of the target to a 50 x 50 histogram of 64k samples on [-1, 1]^2).
+
+    OMP_NUM_THREADS=1 python benchmarks/checkerboard_record.py \\
+        --config benchmarks/configs/checkerboard_record.yaml --minutes 30 --out results/record
+
+The run is budgeted in wall-clock time, not steps: after the linear warm-up the learning rate
+follows a cosine in elapsed *training* time (``lr = lr_0 (1 + cos(pi * elapsed / budget)) / 2``)
+and training stops when the budget is spent, so the schedule fits whatever share of the CPU the
+run gets. The batch may grow late in training (``--late-batch``, from ``--late-fraction`` of the
+budget on). The loop is ``flowmaps.train.loop.train``'s (method loss, gradient clipping, Adam,
+EMA) with only the schedule made time-based. Every ``--curve-every`` seconds of training the EMA
+weights are saved; after training (outside the budget) each snapshot is scored, which gives the
+curve of KL against training time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``,
+``samples.png`` and the run directory (``config.yaml``, weights) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from flowmaps import metrics, runs
+from flowmaps.build import build_model
+from flowmaps.data import get_data
+from flowmaps.methods import Batch, LossContext, build_method
+from flowmaps.plots import plot_panels
+from flowmaps.samplers import sample_flow_map, sample_ode
+from flowmaps.schedules import get_schedule
+from flowmaps.train.checkpoint import load_weights, save_weights
+from flowmaps.train.config import apply_override, config_from_dict, read_config_file, save_config
+from flowmaps.train.ema import EMA
+from flowmaps.train.loop import make_optimizer
+
+BOFFI_LSD = {1: 0.086, 8: 0.070}  # Boffi et al. 2025, LSD on the checkerboard (their Table)
+NFE = (1, 2, 4, 8, 16)
+N_SAMPLES = 65536
+
+
+def score(model: torch.nn.Module, seed: int, n: int = N_SAMPLES, ode_steps: int = 0) -> dict[str, float]:
+    """Histogram KL (50 x 50 on [-1, 1]^2, ``n`` samples) of the flow map at each NFE (and the ODE)."""
+    target = metrics.checkerboard_bin_probs(50)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 2, generator=gen)
+    out = {}
+    with torch.no_grad():
+        for k in NFE:
+            out[f"kl_{k}"] = metrics.histogram_kl(target, sample_flow_map(model, noise, k))
+        if ode_steps:
+            out[f"kl_ode_{ode_steps}"] = metrics.histogram_kl(target, sample_ode(model, noise, ode_steps, "heun"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="flowmaps config (YAML/TOML): data, model, method, optim")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget in wall-clock minutes")
+    parser.add_argument("--late-batch", type=int, default=0, help="batch size from --late-fraction on (0: unchanged)")
+    parser.add_argument("--late-fraction", type=float, default=0.7)
+    parser.add_argument("--curve-every", type=float, default=150.0, help="seconds of training between snapshots")
+    parser.add_argument("--eval-seed", type=int, default=1234)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    values = read_config_file(args.config)
+    for assignment in args.set:
+        apply_override(values, assignment)
+    cfg = config_from_dict(values)
+    if cfg.data.name != "checkerboard":
+        raise SystemExit(f"the record is defined on the checkerboard; the config says data.name={cfg.data.name!r}")
+    out = Path(args.out)
+    (out / "curve").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / runs.CONFIG_FILE)
+    (out / runs.DATA_INFO_FILE).write_text(json.dumps({"dim": 2, "name": "checkerboard"}))
+
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device("cpu")
+    data = get_data(cfg.data.name, seed=cfg.train.seed)
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    method = build_method(cfg.method["name"], get_schedule(cfg.train.schedule), **options)
+    model = build_model(cfg, data.dim).to(device)
+    ema = EMA(model, cfg.optim.ema_decay)
+    optimizer = make_optimizer(cfg, model.parameters())
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    budget = 60.0 * args.minutes
+    warmup = cfg.optim.warmup_steps
+
+    snapshots: list[tuple[int, float, Path]] = []
+    elapsed, step, next_snapshot = 0.0, 0, args.curve_every
+    log = (out / "train_log.jsonl").open("w")
+    while elapsed < budget:
+        tick = time.perf_counter()
+        progress = elapsed / budget
+        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * factor
+        batch_size = args.late_batch if args.late_batch and progress >= args.late_fraction else cfg.train.batch_size
+        batch = Batch(data.sample(batch_size, generator))
+        loss = method.loss(model, batch, generator, LossContext(step, 0, ema.model))
+        if not torch.isfinite(loss.loss):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        optimizer.step()
+        ema.update(model)
+        step += 1
+        elapsed += time.perf_counter() - tick
+        if step % 500 == 0:
+            log.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 1), "lr": group["lr"], "batch": batch_size,
+                                  "loss": float(loss.loss.detach()), **{k: float(v) for k, v in loss.terms.items()}}) + "\n")
+            log.flush()
+        if elapsed >= next_snapshot:
+            path = out / "curve" / f"ema_{step:07d}.safetensors"
+            save_weights(ema.model, path)
+            snapshots.append((step, elapsed, path))
+            next_snapshot += args.curve_every
+    log.close()
+    save_weights(model, out / runs.WEIGHTS_FILE)
+    save_weights(ema.model, out / runs.EMA_WEIGHTS_FILE)
+    wall = {"train_seconds": round(elapsed, 1), "steps": step}
+    print(f"record: trained {step} steps in {elapsed:.0f}s of training time")
+
+    final = score(ema.model, args.eval_seed, ode_steps=64)
+    floor = metrics.histogram_kl(metrics.checkerboard_bin_probs(50), data.sample(N_SAMPLES, torch.Generator().manual_seed(args.eval_seed)))
+    curve = []
+    probe = build_model(cfg, 2)
+    for snap_step, snap_elapsed, path in snapshots:
+        load_weights(probe, path)
+        curve.append({"step": snap_step, "train_seconds": round(snap_elapsed, 1), **score(probe.eval(), args.eval_seed)})
+    if not snapshots or snapshots[-1][0] != step:
+        curve.append({"step": step, "train_seconds": round(elapsed, 1), **{k: v for k, v in final.items() if "ode" not in k}})
+    with (out / "curve.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(curve[-1]))
+        writer.writeheader()
+        writer.writerows(curve)
+    result = {**wall, "floor": floor, **final, "boffi_lsd": BOFFI_LSD, "config": cfg.to_dict(),
+              "late_batch": args.late_batch, "late_fraction": args.late_fraction, "minutes": args.minutes,
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    (out / "record.json").write_text(json.dumps(result, indent=2))
+    lines = ["| sampler | NFE | histogram KL (64k samples) | Boffi et al. LSD |", "|---|---|---|---|"]
+    lines += [f"| flow map | {k} | {final[f'kl_{k}']:.4f} | {BOFFI_LSD.get(k, '')} |" for k in NFE]
+    lines += [f"| ODE heun (diagonal) | 128 | {final['kl_ode_64']:.4f} | |", f"| exact samples (floor) | | {floor:.4f} | |"]
+    (out / "record.md").write_text("\n".join(lines) + "\n")
+    gen = torch.Generator().manual_seed(args.eval_seed)
+    noise = torch.randn(N_SAMPLES, 2, generator=gen)
+    with torch.no_grad():
+        panels = {"data": data.sample(N_SAMPLES, gen), **{f"{k} step{'s' * (k > 1)}": sample_flow_map(ema.model, noise, k)
+                                                           for k in NFE}}
+    plot_panels(panels, out / "samples.png", title=f"checkerboard record: {step} steps, {elapsed / 60:.1f} min")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

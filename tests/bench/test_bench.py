@@ -1,0 +1,156 @@
+"""The benchmark harness: equal budgets, every sampler measured, skips and failures recorded."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from flowmaps.bench import BenchConfig, run_bench, summarise, write_report
+from flowmaps.bench.runner import EXACT_ODE, FLOOR, FLOW_MAP, Row, train_config
+from flowmaps.cli import main
+from flowmaps.methods import registry
+from flowmaps.methods.base import LossOutput, Method
+
+TINY = dict(methods=["fm", "lsd"], seeds=[0, 1], steps=12, batch_size=64, width=16, depth=1, nfe=[1, 2],
+            ode_steps=[1, 4], n_samples=256, flow_map_error_samples=64, flow_map_error_points=2)
+
+
+class _TeacherOnly(Method):
+    """A stand-in distillation method (its loss is flow matching against the teacher's velocity)."""
+
+    name = "bench_test_teacher"
+    rule = "lagrangian"
+    setting = "teacher"
+    cost = 5
+    needs_teacher = True
+
+    def __init__(self, schedule, teacher):
+        super().__init__(schedule)
+        self.teacher = teacher
+
+    def loss(self, model, batch, generator, ctx=None):
+        t = torch.rand(batch.x0.shape[0], generator=generator)
+        x = self.schedule.sample_xt(batch.x0, torch.randn(batch.x0.shape, generator=generator), t)
+        residual = model(x, t, t, output="V", check_times=False) - self.teacher.velocity(x, t)
+        return LossOutput(residual.pow(2).mean())
+
+
+class _Broken(_TeacherOnly):
+    """A method whose loss raises."""
+
+    name = "bench_test_broken"
+    needs_teacher = False
+
+    def __init__(self, schedule):
+        Method.__init__(self, schedule)
+
+    def loss(self, model, batch, generator, ctx=None):
+        raise RuntimeError("deliberately broken")
+
+
+@pytest.fixture
+def extra_methods(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, _TeacherOnly.name, _TeacherOnly)
+    monkeypatch.setitem(registry._REGISTRY, _Broken.name, _Broken)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(datasets=["8gaussians"], **TINY)
+    return run_bench(cfg, out, log=lambda _: None), out
+
+
+def test_every_method_gets_the_same_budget():
+    cfg = BenchConfig(**TINY)
+    a = train_config(cfg, "8gaussians", "fm", 0, None)
+    b = train_config(cfg, "8gaussians", "lsd", 0, "exact")
+    for section in ("model", "optim", "train"):
+        assert a[section] == b[section]
+    assert b["teacher"] == "exact" and "teacher" not in a
+
+
+def test_bench_measures_every_sampler_against_exact_samples(tiny_result):
+    result, _ = tiny_result
+    rows = result.rows
+    lsd_flow = {(r.nfe, r.seed) for r in rows if r.method == "lsd" and r.sampler == FLOW_MAP and r.metric == "energy_distance"}
+    assert lsd_flow == {(k, s) for k in (1, 2) for s in (0, 1)}  # NFE counted, not assumed
+    fm_ode = {r.nfe for r in rows if r.method == "fm" and r.sampler == "ODE euler"}
+    assert fm_ode == {1, 4}
+    assert not any(r.method == "fm" and r.sampler == FLOW_MAP for r in rows)  # fm's off-diagonal is untrained
+    assert any(r.method == FLOOR for r in rows) and any(r.method == EXACT_ODE for r in rows)
+    errors = [r for r in rows if r.metric == "flow_map_error"]
+    assert {r.method for r in errors} == {"lsd"} and all(r.value > 0 for r in errors)
+    # the exact velocity's ODE gets better with more steps; the floor is below every trained sampler
+    exact = {r.nfe: r.value for r in rows if r.method == EXACT_ODE and r.seed == 0 and r.metric == "sliced_w2"}
+    assert exact[4] < exact[1]
+    floor = [r.value for r in rows if r.method == FLOOR and r.metric == "energy_distance"]
+    trained = [r.value for r in rows if r.method == "lsd" and r.metric == "energy_distance"]
+    assert max(floor) < min(trained)
+    assert result.notes == []
+
+
+def test_report_files(tiny_result):
+    result, out = tiny_result
+    text = write_report(result, out)
+    for name in ("results.csv", "summary.csv", "table.md", "quality_vs_nfe_8gaussians.png", "samples_8gaussians.png",
+                 "bench.json"):
+        assert (out / name).is_file(), name
+    with (out / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    lsd1 = [r for r in summary if r["method"] == "lsd" and r["nfe"] == "1" and r["metric"] == "energy_distance"]
+    assert len(lsd1) == 1 and lsd1[0]["n"] == "2"
+    assert "| lsd | flow map |" in text and "±" in text and "NFE 4" in text
+    assert json.loads((out / "bench.json").read_text())["config"]["steps"] == TINY["steps"]
+
+
+def test_summary_mean_and_sample_std():
+    rows = [Row("d", "m", "flow map", 1, seed, "energy_distance", v) for seed, v in enumerate([1.0, 2.0, 3.0])]
+    (s,) = summarise(rows)
+    assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
+
+
+def test_teacher_methods_are_skipped_on_data_without_a_mixture_and_failures_are_noted(extra_methods, tmp_path):
+    cfg = BenchConfig(datasets=["moons", "8gaussians"], **{**TINY, "seeds": [0], "steps": 4, "ode_steps": [1],
+                      "methods": [_TeacherOnly.name, _Broken.name]})
+    result = run_bench(cfg, tmp_path, log=lambda _: None)
+    assert any("bench_test_teacher on moons: skipped" in n for n in result.notes)
+    assert sum("bench_test_broken" in n and "deliberately broken" in n for n in result.notes) == 2
+    ran = {(r.dataset, r.method) for r in result.rows if r.sampler == FLOW_MAP}
+    assert ran == {("8gaussians", _TeacherOnly.name)}
+
+
+def test_bad_bench_config_is_rejected():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        run_bench(BenchConfig(methods=["nope"]), "unused")
+    with pytest.raises(ValueError, match="ode_solver"):
+        BenchConfig(ode_solver="rk4")
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        BenchConfig(seeds=[0, 0])
+    with pytest.raises(ValueError, match="positive integers"):
+        BenchConfig(nfe=[0])
+
+
+@pytest.mark.slow
+def test_bench_command(tmp_path, capsys):
+    args = ["bench", "--data", "8gaussians", "--methods", "lsd", "--seeds", "1", "--steps", "5", "--batch-size", "32",
+            "--n-samples", "128", "--out", str(tmp_path / "b"), "--no-progress", "--quick"]
+    assert main(args) == 0
+    assert "| lsd | flow map |" in capsys.readouterr().out
+    assert (tmp_path / "b" / "table.md").is_file()
+    assert main([*args[:-1], "--methods", "magic"]) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err
+
+
+def test_sampling_throughput_counts_nfe():
+    from flowmaps.bench.throughput import sampling_throughput, throughput_table
+    from flowmaps.flow_map import FlowMap
+    from flowmaps.nets import MLP
+
+    model = FlowMap(MLP(2, width=8, depth=1)).eval()
+    rows = sampling_throughput(model, 2, batch=16, flow_map_steps=(1, 4), ode_nfe=(1, 4), repeats=1)
+    got = [(r.sampler, r.steps, r.nfe) for r in rows]
+    assert got == [("flow map", 1, 1), ("flow map", 4, 4), ("ODE euler", 1, 1), ("ODE euler", 4, 4), ("ODE heun", 2, 4)]
+    assert all(r.samples_per_second > 0 for r in rows)
+    assert "| ODE heun | 2 | 4 |" in throughput_table(rows)

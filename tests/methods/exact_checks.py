@@ -1,0 +1,54 @@
+"""Checks of a method at the exact Gaussian flow map (shared by the Lagrangian and Eulerian tests)."""
+
+from typing import Optional
+
+import torch
+
+from flowmaps.methods import Batch, LossContext, Method
+from tests.methods.exact_models import exact_model
+
+
+def loss_and_grad(method: Method, model, target, n: int = 4096, seed: int = 0,
+                  ctx: Optional[LossContext] = None):
+    """The method's ``LossOutput`` on ``n`` exact samples and ``dL/d delta`` of the perturbed model."""
+    g = torch.Generator().manual_seed(seed)
+    batch = Batch(target.sample(n, g).double())
+    out = method.loss(model, batch, g, ctx)
+    model.zero_grad()
+    out.loss.backward()
+    grad = model.net.delta.grad
+    return out, 0.0 if grad is None else grad.item()
+
+
+def assert_vanishes(method: Method, target, term: str, tol: float = 1e-10, grad_tol: float = 1e-6, **kw):
+    """The rule's term is (near-)zero at the exact map and so is its gradient."""
+    out, grad = loss_and_grad(method, exact_model(target), target, **kw)
+    assert out.terms[term] < tol, (term, float(out.terms[term]))
+    assert abs(grad) < grad_tol, grad
+
+
+def assert_rejects(method: Method, target, term: str, variant: str, floor: float = 1e-2, **kw):
+    """The rule's term is large for a map in the wrong convention (``variant`` of ``exact_model``)."""
+    out, _ = loss_and_grad(method, exact_model(target, variant), target, **kw)
+    assert out.terms[term] > floor, (term, variant, float(out.terms[term]))
+
+
+def assert_stationary(method: Method, target, n: int = 20000, ctx: Optional[LossContext] = None):
+    """A loss with conditional (noisy) targets is stationary at the exact map up to Monte-Carlo noise:
+    ``|dL/d delta|`` there is small and much smaller than at the time-reversed map."""
+    _, grad_exact = loss_and_grad(method, exact_model(target), target, n=n, ctx=ctx)
+    _, grad_wrong = loss_and_grad(method, exact_model(target, "time_reversed"), target, n=n, ctx=ctx)
+    assert abs(grad_wrong) > 10 * abs(grad_exact), (grad_exact, grad_wrong)
+    return grad_exact, grad_wrong
+
+
+def assert_restoring(method: Method, target, delta: float = 0.2, n: int = 8192,
+                     ctx: Optional[LossContext] = None):
+    """Away from the exact map (``delta != 0``) the (semi-)gradient points back to it: a descent step
+    on ``delta`` decreases ``|delta|``. A sign error in a target or a stop-gradient step fails this."""
+    for d in (delta, -delta):
+        model = exact_model(target)
+        with torch.no_grad():
+            model.net.delta.fill_(d)
+        _, grad = loss_and_grad(method, model, target, n=n, ctx=ctx)
+        assert grad * d > 0, (d, grad)

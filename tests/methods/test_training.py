@@ -1,0 +1,99 @@
+"""Short CPU training runs of every Lagrangian and Eulerian method on one Gaussian-mixture spec.
+
+One small shared configuration (MLP 128 x 3, batch 256, 600 steps, ``--teacher exact`` for
+distillation methods); each trained model must reach a flow-map error and 1- and 4-step energy
+distances below half of those of the same network untrained. PID and FreeFlow learn the map from
+``s = 1`` only: they are judged on the pairs ``(1, t)`` and on one step (composing their map over a
+4-step grid uses source times they never train). The full-budget comparison of all methods lives
+in the benchmark (``flowmaps bench``, ``docs/benchmarks.md``).
+"""
+
+import json
+
+import pytest
+import torch
+
+from flowmaps import load
+from flowmaps.build import build_model
+from flowmaps.data import get_data
+from flowmaps.methods import get_method_class
+from flowmaps.metrics import energy_distance, flow_map_error, flow_map_reference, time_pair_grid
+from flowmaps.samplers import sample_flow_map
+from flowmaps.train.config import config_from_dict
+from flowmaps.train.loop import train
+
+SPEC = {"weights": [0.5, 0.3, 0.2], "means": [[-1.0, 0.0], [1.0, 0.5], [0.2, -1.0]],
+        "stds": [[0.2, 0.2], [0.15, 0.3], [0.25, 0.1]]}
+METHODS = ["lmd", "lsd", "ayf-lmd", "tvm", "pid", "freeflow", "emd", "esd", "ayf-emd", "soflow", "meanflow", "imf"]
+SOURCE_ONE = {"pid", "freeflow"}  # trained from s = 1 only: judged on the pairs (1, t)
+STEPS = 600
+
+
+def config(path, name):
+    return config_from_dict({
+        "data": {"name": str(path)},
+        "method": {"name": name},
+        "model": {"width": 128, "depth": 3},
+        "optim": {"warmup_steps": 50},
+        "train": {"steps": STEPS, "batch_size": 256, "seed": 0},
+        "teacher": "exact" if get_method_class(name).needs_teacher else None,
+    })
+
+
+def scores(model, setup, name):
+    reference = setup["source_one"] if name in SOURCE_ONE else setup["grid"]
+    with torch.no_grad():
+        one = sample_flow_map(model, setup["noise"], 1)
+        four = sample_flow_map(model, setup["noise"], 4)
+    return {"flow_map_error": flow_map_error(model, reference).mean,
+            "energy_1": energy_distance(one, setup["exact"]), "energy_4": energy_distance(four, setup["exact"])}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixture") / "mix.json"
+    path.write_text(json.dumps(SPEC))
+    data = get_data(str(path))
+    g = torch.Generator().manual_seed(123)
+    grid = time_pair_grid(5)
+    out = {
+        "path": path,
+        "exact": data.sample(2000, g),
+        "noise": torch.randn(2000, 2, generator=g),
+        "grid": flow_map_reference(data.mixture, grid, n=512, generator=g),
+        "source_one": flow_map_reference(data.mixture, [p for p in grid if p[0] == 1.0], n=512, generator=g),
+    }
+    torch.manual_seed(0)
+    untrained = build_model(config(path, "lsd"), 2).eval()
+    out["untrained"] = {name: scores(untrained, out, name) for name in ("lsd", "pid")}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_short_training_beats_the_untrained_network(setup, tmp_path, name):
+    result = train(config(setup["path"], name), tmp_path / name, progress=False, evaluate_at_end=False)
+    trained = scores(load(result.run_dir), setup, name)
+    untrained = setup["untrained"]["pid" if name in SOURCE_ONE else "lsd"]
+    print(name, {k: round(v, 4) for k, v in trained.items()}, "untrained", {k: round(v, 4) for k, v in untrained.items()},
+          f"{result.train_seconds:.1f}s")
+    metrics = ("flow_map_error", "energy_1") if name in SOURCE_ONE else ("flow_map_error", "energy_1", "energy_4")
+    for metric in metrics:
+        assert trained[metric] < 0.5 * untrained[metric], (metric, trained, untrained)
+
+
+@pytest.mark.slow
+def test_distillation_from_a_trained_run_directory(setup, tmp_path):
+    """``--teacher RUN_DIR``: an ``fm`` run's diagonal is the teacher velocity; LMD back-propagates
+    through it into the student's jumps."""
+    teacher_cfg = config(setup["path"], "fm").to_dict()
+    teacher_cfg["train"]["steps"] = 300
+    teacher = train(config_from_dict(teacher_cfg), tmp_path / "teacher", progress=False, evaluate_at_end=False)
+    student_cfg = config(setup["path"], "lmd").to_dict()
+    student_cfg["teacher"] = str(teacher.run_dir)
+    student_cfg["train"]["steps"] = 300
+    result = train(config_from_dict(student_cfg), tmp_path / "student", progress=False, evaluate_at_end=False)
+    trained = scores(load(result.run_dir), setup, "lmd")
+    untrained = setup["untrained"]["lsd"]
+    for metric in ("flow_map_error", "energy_1", "energy_4"):
+        assert trained[metric] < 0.5 * untrained[metric], (metric, trained, untrained)
