@@ -9,7 +9,7 @@ from flowmaps.train.config import EvalConfig
 from tests.conftest import small_mixture
 
 
-@pytest.mark.parametrize("sampler", ["flow_map", "consistency"])
+@pytest.mark.parametrize("sampler", ["flow_map", "consistency", "one_step"])
 def test_exact_map_scores_at_the_floor(sampler):
     mix = small_mixture()
     model = FlowMap(ExactAverageVelocity(mix))
@@ -19,12 +19,12 @@ def test_exact_map_scores_at_the_floor(sampler):
     floor = results["floor (two data samples)"]["energy_distance"]
     noise = results["noise (untrained scale)"]["energy_distance"]
     rows = [k for k in results if k.startswith(("flow map", "consistency"))]
-    assert len(rows) == 2
+    assert len(rows) == (1 if sampler == "one_step" else 2)
     for k in rows:
         assert results[k]["energy_distance"] < 3 * floor + 0.002 < noise / 10, k
     assert any(k.startswith("ODE") for k in results) == (sampler == "flow_map")
     assert "| sampler | NFE |" in metrics_table(results)
-    assert set(panels) >= {"data", "1 step", "2 steps"}
+    assert set(panels) >= {"data", "1 step"}
 
 
 def test_unknown_sampler():

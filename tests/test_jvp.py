@@ -119,13 +119,15 @@ def test_gradient_modes(backend):
     assert primal.requires_grad and tangent.requires_grad
 
 
-def test_dropout_masks_are_identical_in_the_tangent_pass_and_the_gradient_forward():
+@pytest.mark.parametrize("backend", ["func", "double_backward"])
+def test_dropout_masks_are_identical_in_the_tangent_pass_and_the_gradient_forward(backend):
+    """The gradient forward replays the random-number state of the tangent pass: one dropout mask."""
     model = _network(dropout=0.5).train()
     x, s, t, v = _inputs(64)
     torch.manual_seed(7)
-    primal, tangent = flow_jvp(model, x, s, t, dx=v, ds=1.0, output="V", grad="primal")
+    primal, tangent = flow_jvp(model, x, s, t, dx=v, ds=1.0, output="V", backend=backend, grad="primal")
     torch.manual_seed(7)
-    primal_jvp_pass, tangent_ref = flow_jvp(model, x, s, t, dx=v, ds=1.0, output="V", grad="none")
+    primal_jvp_pass, tangent_ref = flow_jvp(model, x, s, t, dx=v, ds=1.0, output="V", backend=backend, grad="none")
     assert torch.equal(primal.detach(), primal_jvp_pass) and torch.equal(tangent, tangent_ref)
     # without the replay a second forward draws a new mask: the check above can fail
     assert not torch.equal(model(x, s, t, output="V", check_times=False).detach(), primal_jvp_pass)

@@ -136,9 +136,9 @@ def _methods(args: argparse.Namespace) -> int:
     from flowmaps.methods import describe_methods
 
     rows = describe_methods()
-    print(f"{'name':<14}{'rule':<15}{'setting':<19}{'cost':>5}  summary")
+    print(f"{'name':<15}{'rule':<15}{'setting':<19}{'cost':>5}  summary")
     for r in rows:
-        print(f"{r['name']:<14}{r['rule']:<15}{r['setting']:<19}{r['cost']:>5}  {r['summary']}")
+        print(f"{r['name']:<15}{r['rule']:<15}{r['setting']:<19}{r['cost']:>5}  {r['summary']}")
     return 0
 
 

@@ -13,6 +13,7 @@ from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, samp
 from flowmaps.schedules import Schedule
 from flowmaps.train.config import EvalConfig
 
+MULTISTEP_SAMPLERS = ("flow_map", "consistency", "one_step")
 ENERGY_SAMPLES = 4096
 MMD_SAMPLES = 2048
 
@@ -44,12 +45,13 @@ def evaluate(
 
     ``multistep_sampler`` is the method's own: ``"flow_map"`` composes ``F`` over the grid and adds
     the diagonal ODE baseline; ``"consistency"`` (maps trained only towards ``t = 0``) jumps to data
-    and re-noises with ``schedule`` between steps, and has no ODE baseline (its diagonal is untrained).
+    and re-noises with ``schedule`` between steps; ``"one_step"`` (maps trained only from ``s = 1``)
+    is evaluated at one step alone. The last two have no ODE baseline (their diagonal is untrained).
     Returns ``(metrics, samples)``; ``samples`` maps panel names (``data``, ``1 step``, ...,
     ``ODE heun (64 NFE)``) to ``[n, D]`` CPU tensors for plotting.
     """
-    if multistep_sampler not in ("flow_map", "consistency"):
-        raise ValueError(f"unknown multistep sampler {multistep_sampler!r}; use 'flow_map' or 'consistency'")
+    if multistep_sampler not in MULTISTEP_SAMPLERS:
+        raise ValueError(f"unknown multistep sampler {multistep_sampler!r}; use one of {MULTISTEP_SAMPLERS}")
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     n = cfg.n_samples
     reference = data.sample(n, gen).cpu()
@@ -60,7 +62,7 @@ def evaluate(
         "noise (untrained scale)": sample_metrics(noise.cpu(), reference, data.name),
     }
     panels = {"data": reference}
-    for k in cfg.nfe:
+    for k in [1] if multistep_sampler == "one_step" else cfg.nfe:
         steps = f"{k} step{'s' if k > 1 else ''}"
         if multistep_sampler == "consistency":
             x = sample_consistency(model, noise, k, schedule, generator=gen).cpu()

@@ -22,14 +22,15 @@ Gradient modes of ``flow_jvp`` (``grad=``):
   derivative): DDP rebuilds its gradient buckets during the second gradient-enabled forward, which
   fails inside ``torch.func.jvp`` ("Cannot access data pointer of Tensor that doesn't have
   storage"), whereas dual tensors are ordinary tensors to it.
-- ``"primal"``: the tangent sits under stop-gradient. Under ``DistributedDataParallel``, for the
-  ``double_backward`` and ``finite_difference`` backends and for a higher-precision tangent
-  (``tangent_dtype``), it is computed without gradient and the gradient-carrying primal comes from
-  a *separate ordinary forward*: under DDP that forward is what registers the gradient hooks, so
-  gradient synchronisation never depends on how a backend interacts with DDP. The random-number
-  state is replayed before that forward (CPU and the input's accelerator), so dropout masks are
-  identical in both passes. Otherwise (a forward-mode backend, no DDP) one pass computes both and
-  the tangent is detached: the same values and gradients, one forward fewer.
+- ``"primal"``: the tangent is computed without gradient (it sits under stop-gradient) and the
+  gradient-carrying primal comes from a *separate ordinary forward*. Under
+  ``DistributedDataParallel`` that forward is what registers the gradient hooks, so gradient
+  synchronisation never depends on how a backend interacts with DDP. The random-number state is
+  replayed before that forward (CPU and the input's accelerator), so dropout masks are identical in
+  both passes. The tangent may be computed in a higher precision (``tangent_dtype``). (Taking the
+  primal from a gradient-enabled tangent pass instead saves no time on CPU and doubles the peak
+  memory: the tangent's operations record a graph of their own, measured with
+  ``benchmarks/method_cost.py``.)
 - ``"none"``: everything without gradient (targets).
 """
 
@@ -215,10 +216,6 @@ def flow_jvp(
 
     if tangent_dtype is None and backend == "finite_difference":
         tangent_dtype = torch.float64
-    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
-    if grad == "primal" and tangent_dtype is None and backend in ("func", "forward_ad") and not distributed:
-        primal, tangent = jvp(fn, (x, s, t), tangents, backend, fd_step)
-        return primal, tangent.detach()
     replay = RandomReplay(x.device)
     with torch.no_grad():
         if tangent_dtype is not None and tangent_dtype != x.dtype:

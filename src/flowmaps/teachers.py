@@ -106,6 +106,8 @@ class EMATarget:
             self.state = {k: p.detach().clone() for k, p in current.items()}
             return
         for k, p in current.items():
+            if self.state[k].device != p.device or self.state[k].dtype != p.dtype:  # e.g. loaded from a checkpoint
+                self.state[k] = self.state[k].to(p.device, p.dtype)
             self.state[k].lerp_(p.detach(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

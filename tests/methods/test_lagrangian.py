@@ -164,3 +164,63 @@ def test_freeflow_refuses_conditional_batches(gaussian):
     batch = Batch(torch.zeros(4, 3, dtype=torch.float64), cond=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="unconditional"):
         method.loss(exact_model(gaussian), batch, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name,options", [("tvm", {}), ("freeflow", dict(correction_warmup=0.0))])
+def test_training_state_survives_a_checkpoint(gaussian, name, options):
+    """TVM's EMA target and FreeFlow's auxiliary network with its optimiser go through
+    ``state_dict`` (saved with ``torch.save``, read with ``weights_only=True``): a restored method
+    continues exactly as the original."""
+    import io
+
+    from flowmaps.nets import MLP
+
+    teacher = ExactTeacher(gaussian) if get_method_class(name).needs_teacher else None
+    torch.manual_seed(0)
+    model = FlowMap(MLP(3, width=16, depth=2)).double()
+    batch = Batch(gaussian.sample(64, torch.Generator().manual_seed(0)).double())
+    original = build_method(name, gaussian.schedule, teacher=teacher, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        optimizer.zero_grad()
+        original.loss(model, batch, torch.Generator().manual_seed(step), LossContext(step, 10)).loss.backward()
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    restored = build_method(name, gaussian.schedule, teacher=teacher, **options)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    outs = [m.loss(model, batch, torch.Generator().manual_seed(9), LossContext(3, 10)) for m in (original, restored)]
+    assert outs[0].loss.item() == outs[1].loss.item()
+    assert outs[0].terms.keys() == outs[1].terms.keys() and len(outs[0].terms) >= 2
+    fresh = build_method(name, gaussian.schedule, teacher=teacher, **options)
+    assert fresh.loss(model, batch, torch.Generator().manual_seed(9), LossContext(3, 10)).loss.item() != outs[0].loss.item()
+
+
+def _freeflow_rank(rank: int, store: str, prefix: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flowmaps.nets import MLP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        target = Gaussian([0.5, -1.0], [0.3, 0.6])
+        torch.manual_seed(100 + rank)  # the ranks start from different random states on purpose
+        model = DDP(FlowMap(MLP(2, 16, 2)))
+        method = build_method("freeflow", target.schedule, teacher=ExactTeacher(target), correction_warmup=0.0)
+        generator = torch.Generator().manual_seed(rank)
+        for step in range(3):
+            method.loss(model, Batch(torch.zeros(32, 2)), generator, LossContext(step, 3)).loss.backward()
+        torch.save(torch.cat([p.detach().flatten() for p in method.auxiliary.parameters()]), f"{prefix}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_freeflow_auxiliary_network_is_the_same_on_every_rank(tmp_path):
+    """DDP does not see FreeFlow's auxiliary network: its initial weights come from rank 0 and its
+    gradients are averaged over the ranks, so two processes keep one network."""
+    torch.multiprocessing.spawn(_freeflow_rank, args=(str(tmp_path / "store"), str(tmp_path / "aux")), nprocs=2)
+    assert torch.equal(torch.load(tmp_path / "aux0.pt"), torch.load(tmp_path / "aux1.pt"))

@@ -63,7 +63,9 @@ class Method(ABC):
     setting: str = ""
     cost: int = 0
     needs_teacher: bool = False
-    multistep_sampler: str = "flow_map"  # "consistency" for maps trained only towards t = 0
+    # How the trained map samples in several steps: "flow_map" (compose F), "consistency" (maps trained
+    # only towards t = 0: jump to data and re-noise), "one_step" (maps trained only from s = 1).
+    multistep_sampler: str = "flow_map"
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule

@@ -349,7 +349,7 @@ class MeanFlow(_AllRowsEulerian):
 
     name = "meanflow"
     rule = "eulerian"
-    setting = "conditional"
+    setting = "scratch"
     cost = 4
 
     def __init__(
@@ -411,7 +411,7 @@ class ImprovedMeanFlow(_AllRowsEulerian):
 
     name = "imf"
     rule = "eulerian"
-    setting = "conditional"
+    setting = "scratch"
     cost = 5
 
     def __init__(

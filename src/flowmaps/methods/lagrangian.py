@@ -323,10 +323,20 @@ class TVM(TwoTimeMethod):
         return LossOutput(*terms.result())
 
 
+def _distributed() -> bool:
+    """Whether a process group with more than one process is active."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 class _SourceOneMethod(Method):
-    """Data-free teacher distillation from pure noise at ``s = 1`` (PID, FreeFlow): shared options."""
+    """Data-free teacher distillation from pure noise at ``s = 1`` (PID, FreeFlow): shared options.
+
+    Only ``F(eps, 1, t)`` is trained, so the map is a one-step sampler (``multistep_sampler``).
+    """
 
     needs_teacher = True
+    multistep_sampler = "one_step"
 
     def __init__(self, schedule: Schedule, teacher: Any, time_distribution: str, logit_mean: float,
                  logit_std: float, weighting: LossWeighting):
@@ -413,7 +423,8 @@ class FreeFlow(_SourceOneMethod):
       derivative comes from the JVP engine without gradient, by default its float64 central finite
       difference (``jvp_backend``);
     - correction: an auxiliary flow-matching network ``v_aux`` (its own Adam optimiser, ``aux_steps``
-      updates per iteration) learns the velocity of the student's one-step samples
+      updates per iteration, its gradients averaged over processes under ``torchrun``) learns the
+      velocity of the student's one-step samples
       ``x_hat = F(eps', 1, 0)`` re-noised to ``x_tau = alpha x_hat + sigma xi``. The student then moves
       ``x_hat`` along ``g = alpha_tau^2 (v_aux - v_T)(x_tau, tau) / (alpha sigma' - sigma alpha')``, the
       noise-prediction difference (a distribution-matching / variational-score-distillation step):
@@ -422,7 +433,8 @@ class FreeFlow(_SourceOneMethod):
 
     Stop-gradients: the prediction target and ``g`` entirely; gradients flow through ``V(eps, 1, t)``
     and ``F(eps', 1, 0)``. No EMA, no data. The auxiliary network (an MLP) is built at the first call
-    on the batch's device; its state is not saved with the run. Our choices where the paper could
+    on the batch's device; it and its optimiser are training state (``state_dict``, saved in
+    checkpoints, not in the final run directory). Our choices where the paper could
     not be checked here: ``tau ~ U[0.02, 0.98]``, the weight of ``g``, the auxiliary network's size.
     """
 
@@ -466,12 +478,37 @@ class FreeFlow(_SourceOneMethod):
         self.jvp_backend = jvp_backend
         self.auxiliary: Optional[nn.Module] = None
         self.aux_optimizer: Optional[torch.optim.Optimizer] = None
+        self._pending_state: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The auxiliary network and its optimiser (training state, saved in checkpoints)."""
+        state: dict[str, Any] = {}
+        if self.auxiliary is not None:
+            state["auxiliary"] = {k: v.detach().cpu().clone() for k, v in self.auxiliary.state_dict().items()}
+        if self.aux_optimizer is not None:
+            state["aux_optimizer"] = self.aux_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the auxiliary network (built at the next loss call, on the batch's device)."""
+        unknown = sorted(set(state) - {"auxiliary", "aux_optimizer"})
+        if unknown:
+            raise ValueError(f"method 'freeflow' cannot restore state {unknown}")
+        self.auxiliary, self.aux_optimizer, self._pending_state = None, None, dict(state)
 
     def _auxiliary(self, x: torch.Tensor) -> nn.Module:
         if self.auxiliary is None:
             self.auxiliary = FlowMap(MLP(x[0].numel(), self.aux_width, self.aux_depth)).to(x.device, x.dtype)
+            if "auxiliary" in self._pending_state:
+                self.auxiliary.load_state_dict(self._pending_state["auxiliary"])
+            if _distributed():  # one auxiliary network for all ranks: rank 0's weights
+                for param in self.auxiliary.parameters():
+                    torch.distributed.broadcast(param.data, src=0)
         if self.aux_optimizer is None and self.aux_steps > 0:
             self.aux_optimizer = torch.optim.Adam(self.auxiliary.parameters(), lr=self.aux_lr)
+            if "aux_optimizer" in self._pending_state:
+                self.aux_optimizer.load_state_dict(self._pending_state["aux_optimizer"])
+        self._pending_state = {}
         return self.auxiliary
 
     def _train_auxiliary(self, aux: nn.Module, samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -484,6 +521,10 @@ class FreeFlow(_SourceOneMethod):
                 loss = squared_norm(diagonal_residual(aux, self.schedule, samples, xi, tau)).mean()
                 self.aux_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+            if _distributed():  # DDP does not see this network: average its gradients over the ranks
+                for param in aux.parameters():
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= torch.distributed.get_world_size()
             self.aux_optimizer.step()
             last = loss.detach()
         return last
