@@ -80,3 +80,14 @@ def test_load_teacher_errors(tmp_path):
     with pytest.raises(ValueError, match="trained on 3-dimensional data"):
         load_teacher(str(tmp_path / "run"), checkerboard, torch.device("cpu"))
     assert isinstance(load_teacher("exact", get_data("8gaussians"), torch.device("cpu")), ExactTeacher)
+
+
+def test_exact_teacher_follows_the_training_schedule():
+    from flowmaps.schedules import CosineSchedule
+
+    data = get_data("8gaussians")
+    cosine = CosineSchedule()
+    teacher = load_teacher("exact", data, torch.device("cpu"), cosine)
+    x, t = torch.randn(16, 2), torch.full((16,), 0.4)
+    assert torch.allclose(teacher.velocity(x, t), data.mixture.with_schedule(cosine).velocity(x, t))
+    assert not torch.allclose(teacher.velocity(x, t), data.mixture.velocity(x, t))

@@ -26,6 +26,7 @@ from torch import nn
 from flowmaps.data import DataSource
 from flowmaps.flow_map import FlowMap
 from flowmaps.oracle import GaussianMixture
+from flowmaps.schedules import Schedule
 from flowmaps.time_args import TimeLike, as_batch_time
 
 
@@ -127,15 +128,18 @@ class EMATarget:
         return torch.func.functional_call(model, self.state, (x, s, t, cond), {"output": output, "check_times": False})
 
 
-def load_teacher(spec: str, data: DataSource, device: torch.device) -> Teacher:
-    """``"exact"`` (the data must be a Gaussian mixture) or the path of a trained run directory."""
+def load_teacher(spec: str, data: DataSource, device: torch.device, schedule: Optional[Schedule] = None) -> Teacher:
+    """``"exact"`` (the data must be a Gaussian mixture) or the path of a trained run directory.
+
+    The exact teacher follows the training ``schedule`` (default: the mixture's own, linear).
+    """
     if spec == "exact":
         if data.mixture is None:
             raise ValueError(
                 f"--teacher exact needs Gaussian-mixture data (a mixture spec file, 8gaussians or ring); "
                 f"{data.name!r} has no exact velocity"
             )
-        return ExactTeacher(data.mixture)
+        return ExactTeacher(data.mixture if schedule is None else data.mixture.with_schedule(schedule))
     from flowmaps.runs import DATA_INFO_FILE, load
 
     path = Path(spec)

@@ -154,3 +154,13 @@ def test_sampling_throughput_counts_nfe():
     assert got == [("flow map", 1, 1), ("flow map", 4, 4), ("ODE euler", 1, 1), ("ODE euler", 4, 4), ("ODE heun", 2, 4)]
     assert all(r.samples_per_second > 0 for r in rows)
     assert "| ODE heun | 2 | 4 |" in throughput_table(rows)
+
+
+def test_each_method_is_sampled_with_its_own_multistep_sampler(tmp_path):
+    """Consistency maps (trained only to t = 0) re-noise between steps; one-step maps get one step."""
+    cfg = BenchConfig(datasets=["8gaussians"], **{**TINY, "methods": ["ct", "pid"], "seeds": [0], "steps": 4})
+    result = run_bench(cfg, tmp_path, log=lambda _: None)
+    samplers = {(r.method, r.sampler, r.nfe) for r in result.rows if r.metric == "energy_distance"}
+    assert {("ct", "consistency", 1), ("ct", "consistency", 2), ("pid", FLOW_MAP, 1)} <= samplers
+    assert not any(m == "pid" and k == 2 for m, _, k in samplers)
+    assert {r.method for r in result.rows if r.metric == "flow_map_error"} == {"ct", "pid"}

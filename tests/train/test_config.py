@@ -63,3 +63,9 @@ def test_resolved_config_round_trips_with_the_training_sections(tmp_path):
     old = "train:\n  steps: 5\n"  # a config written before these sections existed still loads
     (tmp_path / "old.yaml").write_text(old)
     assert load_config(tmp_path / "old.yaml").checkpoint == CheckpointConfig()
+
+
+def test_data_section_may_be_a_name():
+    assert config_from_dict({"data": "moons"}).data.name == "moons"
+    with pytest.raises(ConfigError, match="section 'data' must be a mapping"):
+        config_from_dict({"data": 3})

@@ -83,6 +83,7 @@ def markdown_tables(result: BenchResult, summaries: list[Summary]) -> str:
         f"Budget per method: {cfg.steps} steps at batch {cfg.batch_size}, MLP {cfg.width} x {cfg.depth}, "
         f"Adam lr {cfg.lr:g} (cosine), EMA {cfg.ema_decay}; seeds {cfg.seeds}; {cfg.n_samples} samples per "
         f"sampler. Cells are mean ± sample std over seeds. Flow map: `F` composed over a uniform grid; "
+        f"consistency: jump to data and re-noise (maps trained only to `t = 0`); "
         f"ODE: {cfg.ode_solver} on the diagonal `V(x, t, t)`; exact velocity: the same ODE sampler on the "
         f"exact velocity (mixture data); floor: two sets of exact samples.",
         "",
@@ -116,7 +117,8 @@ def markdown_tables(result: BenchResult, summaries: list[Summary]) -> str:
             if errors:
                 lines += [f"### {dataset}: flow-map error and training time", "",
                           "Flow-map error `E|F_model - F_exact|^2 / E|F_exact - x_s|^2` at exact samples `x_s`, mean "
-                          f"over the {cfg.flow_map_error_points}-point grid of pairs `s > t` and at `(1, 0)` "
+                          f"over the {cfg.flow_map_error_points}-point grid of pairs `s > t` (for maps trained only "
+                          "to `t = 0` or only from `s = 1`: over those pairs) and at `(1, 0)` "
                           "(0: exact map; 1: the identity).", ""]
             else:
                 lines += [f"### {dataset}: training time", "", "(No exact flow map for this data: not a Gaussian mixture.)", ""]

@@ -6,11 +6,16 @@ solves the exact flow map once (``flowmaps.metrics.flow_map_reference``) and run
 on the exact velocity (the discretisation error alone). Then, per method, it trains through
 ``flowmaps.train.loop.train`` and measures the EMA model:
 
-- the flow-map sampler (``F`` composed over a uniform grid) at each step count in ``cfg.nfe``
-  (not for ``diagonal`` methods such as ``fm``, whose off-diagonal is never trained);
+- the method's own multistep sampler at each step count in ``cfg.nfe``: the flow map ``F``
+  composed over a uniform grid, or, for maps trained only towards ``t = 0``
+  (``multistep_sampler = "consistency"``), consistency multistep sampling (jump to data, re-noise),
+  or, for maps trained only from ``s = 1`` (``"one_step"``), one step alone; ``diagonal`` methods
+  such as ``fm`` get none (their off-diagonal is never trained);
 - the diagonal ODE sampler at each of ``cfg.ode_steps`` (flow matching, or every method with
   ``ode_scope="all"``);
-- the flow-map error over a grid of ``(s, t)`` pairs (mixture data, non-diagonal methods).
+- the flow-map error over a grid of ``(s, t)`` pairs (mixture data, non-diagonal methods;
+  restricted to the pairs the method trains: ``t = 0`` for consistency maps, ``s = 1`` for
+  one-step maps).
 
 Each measurement is one ``Row``; ``flowmaps.bench.report`` aggregates and writes them. A method
 that needs a teacher runs with ``--teacher exact`` on mixture data and is skipped with a note on
@@ -35,10 +40,12 @@ from flowmaps.evaluation import sample_metrics
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import get_method_class, method_names
 from flowmaps.oracle import ExactAverageVelocity
-from flowmaps.samplers import ode_nfe, sample_flow_map, sample_ode
+from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode
+from flowmaps.schedules import Schedule, get_schedule
 
 FLOOR = "exact samples (floor)"
 FLOW_MAP = "flow map"
+CONSISTENCY = "consistency"
 EXACT_ODE = "exact velocity"
 TRAINING = "training"
 
@@ -112,17 +119,31 @@ def _step_label(k: int) -> str:
     return f"{k} step{'s' if k > 1 else ''}"
 
 
+def _trained_pairs(reference: metrics.FlowMapReference, multistep: str) -> metrics.FlowMapReference:
+    """The reference pairs a method trains: all (flow maps), ``t = 0`` (consistency), ``s = 1`` (one-step)."""
+    keep = {"flow_map": lambda s, t: True, "consistency": lambda s, t: t == 0.0,
+            "one_step": lambda s, t: s == 1.0}[multistep]
+    chosen = [i for i, (s, t) in enumerate(reference.pairs) if keep(s, t)]
+    return metrics.FlowMapReference([reference.pairs[i] for i in chosen], [reference.x_s[i] for i in chosen],
+                                    [reference.exact[i] for i in chosen])
+
+
 @torch.no_grad()
 def _sample_model(
     cfg: BenchConfig, model: FlowMap, method: str, measure: _Measure, noise: torch.Tensor,
-    flow_map: bool, ode: bool, panels: Optional[dict[str, torch.Tensor]],
+    multistep: Optional[str], ode: bool, panels: Optional[dict[str, torch.Tensor]], schedule: Schedule, seed: int,
 ) -> None:
+    """Samples of ``model`` with the method's own multistep sampler (``None``: none) and the ODE baseline."""
     counter = metrics.NFECounter(model)
-    if flow_map:
-        for k in cfg.nfe:
+    if multistep is not None:
+        for k in [1] if multistep == "one_step" else cfg.nfe:
             counter.reset()
-            x = sample_flow_map(counter, noise, k)
-            measure.samples(method, FLOW_MAP, counter.calls, x)
+            if multistep == "consistency":
+                gen = torch.Generator(device=noise.device).manual_seed(7919 * (seed + 1) + k)
+                x = sample_consistency(counter, noise, k, schedule, generator=gen)
+            else:
+                x = sample_flow_map(counter, noise, k)
+            measure.samples(method, CONSISTENCY if multistep == "consistency" else FLOW_MAP, counter.calls, x)
             if panels is not None:
                 panels[_step_label(k)] = x.cpu()
     if ode:
@@ -182,16 +203,17 @@ def run_bench(
                 try:
                     if run_dir.exists():  # the harness owns out_dir/runs: a rerun starts afresh
                         shutil.rmtree(run_dir)
-                    trained = train(config_from_dict(train_config(cfg, dataset, method, seed, teacher)), run_dir,
-                                    progress=False, evaluate_at_end=False)
+                    run_cfg = config_from_dict(train_config(cfg, dataset, method, seed, teacher))
+                    trained = train(run_cfg, run_dir, progress=False, evaluate_at_end=False)
                     model = load(run_dir, ema=True, device=device)
                     diagonal = cls.rule == "diagonal"
+                    multistep = None if diagonal else getattr(cls, "multistep_sampler", "flow_map")
                     panels = result.panels[data.name].setdefault(method, {}) if seed == cfg.seeds[0] else None
                     measure.scalar(method, TRAINING, "train_seconds", trained.train_seconds)
-                    _sample_model(cfg, model, method, measure, noise, flow_map=not diagonal,
-                                  ode=diagonal or cfg.ode_scope == "all", panels=panels)
-                    if fm_reference is not None and not diagonal:
-                        error = metrics.flow_map_error(model, fm_reference)
+                    _sample_model(cfg, model, method, measure, noise, multistep, diagonal or cfg.ode_scope == "all",
+                                  panels, get_schedule(run_cfg.train.schedule), seed)
+                    if fm_reference is not None and multistep is not None:
+                        error = metrics.flow_map_error(model, _trained_pairs(fm_reference, multistep))
                         measure.scalar(method, FLOW_MAP, "flow_map_error", error.mean)
                         measure.scalar(method, FLOW_MAP, "flow_map_error_1_to_0", error.per_pair[(1.0, 0.0)])
                 except Exception as err:  # noqa: BLE001 - one broken method must not stop the benchmark

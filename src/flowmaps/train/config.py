@@ -210,7 +210,12 @@ def config_from_dict(values: dict[str, Any]) -> Config:
                 raise ConfigError(f"section 'method' must be a mapping or a method name; got {method!r}")
             kwargs[name] = {"name": defaults.method["name"], **method}
         else:
-            merged = {**dataclasses.asdict(getattr(defaults, name)), **(values.get(name) or {})}
+            given = values.get(name) or {}
+            if name == "data" and isinstance(given, str):
+                given = {"name": given}  # data: checkerboard
+            if not isinstance(given, dict):
+                raise ConfigError(f"section {name!r} must be a mapping; got {given!r}")
+            merged = {**dataclasses.asdict(getattr(defaults, name)), **given}
             kwargs[name] = _build_section(name, type(getattr(defaults, name)), merged)
     cfg = Config(**kwargs)
     _validate(cfg)

@@ -136,8 +136,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.data = get_data(cfg.data.name, seed=cfg.train.seed)
         options = {k: v for k, v in cfg.method.items() if k != "name"}
-        teacher = load_teacher(cfg.teacher, self.data, device) if cfg.teacher is not None else None
-        self.method = build_method(cfg.method["name"], get_schedule(cfg.train.schedule), teacher=teacher, **options)
+        schedule = get_schedule(cfg.train.schedule)
+        teacher = load_teacher(cfg.teacher, self.data, device, schedule) if cfg.teacher is not None else None
+        self.method = build_method(cfg.method["name"], schedule, teacher=teacher, **options)
         self.model = build_model(cfg, self.data.dim).to(device)  # the plain FlowMap: saved, EMA'd, replayed
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
@@ -229,7 +230,8 @@ class Trainer:
                 else:
                     self._advance(result, total, time.perf_counter() - start)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(result.loss):.4f}")
+                    if self.step % self.cfg.train.log_every == 0:
+                        bar.set_postfix(loss=f"{float(result.loss):.4f}", refresh=False)
                 if result.stop:
                     self._stop(stop_request.signum)
         bar.close()
