@@ -60,3 +60,21 @@ def test_class_conditional_mlp_needs_cond():
     assert out.shape == (4, 2)
     with pytest.raises(ValueError, match="class-conditional"):
         model(torch.randn(4, 2), 1.0, 0.0)
+
+
+def test_forward_with_tangents_applies_the_product_rule():
+    """``FlowMap(x, s, t, tangents=(dx, ds, dt))`` returns ``F`` and ``dF = dx + (dt - ds) V + (t - s) dV``;
+    float time tangents broadcast, a misshaped ``dx`` is refused."""
+    import pytest
+    from flowmaps.nets import MLP
+
+    torch.manual_seed(0)
+    model = FlowMap(MLP(2, width=16, depth=2)).double()
+    x, dx = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    s, t = torch.full((5,), 0.9, dtype=torch.float64), torch.full((5,), 0.2, dtype=torch.float64)
+    v, dv = model(x, s, t, output="V", tangents=(dx, 0.5, -1.0))
+    f, df = model(x, s, t, tangents=(dx, 0.5, -1.0))
+    assert torch.allclose(f, x + (t - s)[:, None] * v)
+    assert torch.allclose(df, dx + (-1.0 - 0.5) * v + (t - s)[:, None] * dv)
+    with pytest.raises(ValueError, match="tangent dx has shape"):
+        model(x, s, t, tangents=(dx[:, :1], 0.0, 1.0))

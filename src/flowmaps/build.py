@@ -12,7 +12,8 @@ from flowmaps.train.config import Config
 def build_model(cfg: Config, dim: int) -> FlowMap:
     """A ``FlowMap`` over an ``MLP`` backbone for ``dim``-dimensional data."""
     m = cfg.model
-    return FlowMap(MLP(dim, width=m.width, depth=m.depth, num_freqs=m.num_freqs, max_freq=m.max_freq))
+    return FlowMap(MLP(dim, width=m.width, depth=m.depth, num_freqs=m.num_freqs, max_freq=m.max_freq,
+                       x_features=m.x_features, x_scale=m.x_scale))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -156,7 +156,8 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / f"bench-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"flowmaps: benchmarking {', '.join(cfg.methods) if cfg.methods else 'every registered method'} on "
           f"{', '.join(cfg.datasets)} with seeds {cfg.seeds} -> {out}")
-    result = run_bench(cfg, out, log=(lambda m: print(m, flush=True)) if not args.no_progress else (lambda _: None))
+    result = run_bench(cfg, out, log=(lambda m: print(m, flush=True)) if not args.no_progress else (lambda _: None),
+                       jobs=args.jobs)
     print(write_report(result, out))
     print(f"flowmaps: bench done in {result.seconds:.0f}s; wrote {out}/table.md, results.csv, summary.csv and plots")
     return 0
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, help="samples per sampler for the metrics")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--out", help="results directory (default results/bench-<time>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once, each in its own process with one torch thread (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
     p.set_defaults(func=_bench)
 

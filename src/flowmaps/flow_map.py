@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Protocol
+from typing import Literal, Optional, Protocol, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,11 @@ class FlowMap(nn.Module):
     """Wrap a backbone that predicts the average velocity ``V(x, s, t)`` into a flow map.
 
     ``forward(x, s, t)`` returns ``F(x, s, t)`` (or ``V`` with ``output="V"``); going through
-    ``forward`` for both keeps the module usable under ``DistributedDataParallel``. Times are floats
+    ``forward`` for both keeps the module usable under ``DistributedDataParallel``. With
+    ``tangents=(dx, ds, dt)`` (time tangents as floats or ``[B]`` tensors) it returns the output and its directional
+    derivative, computed by the backbone's ``forward_with_tangent`` (the ``"fused"`` JVP backend;
+    ``tangent_grad=False`` for a stop-gradient tangent beside a gradient-carrying output); going
+    through ``forward`` keeps that DDP-safe too. Times are floats
     or ``[B]`` tensors; with ``check_times=True`` (the default for users) they are validated to lie
     in ``[0, 1]``, which costs a device synchronisation, so training code passes ``False``.
     """
@@ -54,20 +58,51 @@ class FlowMap(nn.Module):
         *,
         output: Literal["F", "V"] = "F",
         check_times: bool = True,
-    ) -> torch.Tensor:
+        tangents: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        tangent_grad: bool = True,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if output not in ("F", "V"):
+            raise ValueError(f"output must be 'F' or 'V'; got {output!r}")
         sb = as_batch_time(s, x, "s")
         tb = as_batch_time(t, x, "t")
         if check_times:
             check_unit_interval(sb, "s")
             check_unit_interval(tb, "t")
+        if tangents is not None:
+            dx, ds, dt = tangents
+            if dx.shape != x.shape:
+                raise ValueError(f"tangent dx has shape {tuple(dx.shape)}, x has shape {tuple(x.shape)}")
+            return self._with_tangent(x, sb, tb, cond, output, tangent_grad, dx, as_batch_time(ds, x, "ds"),
+                                      as_batch_time(dt, x, "dt"))
         v = self.net(x, sb, tb, cond)
         if v.shape != x.shape:
             raise ValueError(f"backbone returned shape {tuple(v.shape)} for input of shape {tuple(x.shape)}")
         if output == "V":
             return v
-        if output != "F":
-            raise ValueError(f"output must be 'F' or 'V'; got {output!r}")
         return x + expand_like(tb - sb, x) * v
+
+    @property
+    def has_fused_tangent(self) -> bool:
+        """Whether the backbone computes JVP tangents itself: it has ``forward_with_tangent`` and its
+        ``has_fused_tangent`` (default true) says that this instance supports it."""
+        return callable(getattr(self.net, "forward_with_tangent", None)) and bool(
+            getattr(self.net, "has_fused_tangent", True))
+
+    def _with_tangent(self, x, s, t, cond, output, tangent_grad, dx, ds, dt):
+        """``(G, dG)`` for ``G = V`` or ``F`` along ``(dx, ds, dt)``, from the backbone's own tangent:
+        ``dF = dx + (dt - ds) V + (t - s) dV`` (product rule on ``F = x + (t - s) V``). Without
+        ``tangent_grad`` the tangent carries no gradient (stop-gradient tangents)."""
+        if not self.has_fused_tangent:
+            raise ValueError(f"the backbone {type(self.net).__name__} does not compute its own tangents "
+                             "(forward_with_tangent); use a JVP backend other than 'fused'")
+        v, dv = self.net.forward_with_tangent(x, s, t, cond, dx, ds, dt, tangent_grad=tangent_grad)
+        if v.shape != x.shape or dv.shape != x.shape:
+            raise ValueError(f"backbone returned shapes {tuple(v.shape)}, {tuple(dv.shape)} for input of shape "
+                             f"{tuple(x.shape)}")
+        if output == "V":
+            return v, dv
+        v_in_tangent = v if tangent_grad else v.detach()
+        return x + expand_like(t - s, x) * v, dx + expand_like(dt - ds, x) * v_in_tangent + expand_like(t - s, x) * dv
 
     def average_velocity(
         self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: Optional[torch.Tensor] = None, **kw

@@ -13,6 +13,14 @@ Backends:
 - ``"double_backward"``: the double-vjp trick, for kernels with backward but no forward-mode rule.
 - ``"finite_difference"``: central difference ``(f(p + h d) - f(p - h d)) / 2h``; the fallback for
   anything else. Its error is ``O(h^2)``; ``flow_jvp`` runs it in float64 unless told otherwise.
+- ``"fused"`` (``flow_jvp`` only): the backbone's own closed-form tangent
+  (``FlowMap(..., tangents=(dx, ds, dt))``, e.g. ``MLP.forward_with_tangent``), primal and tangent
+  in one ordinary forward whose gradient is plain reverse mode (so nothing special under DDP). With
+  ``grad="primal"`` it is a single pass too: the backbone computes the tangent without gradient
+  from the detached activations of the gradient-carrying forward (no second forward, no RNG replay).
+  Measured costs against ``"func"`` are in ``docs/benchmarks.md`` ("Method iteration cost").
+- ``"auto"`` (``flow_jvp`` only, the methods' default): ``"fused"`` when the backbone has it, else
+  ``"func"``.
 
 Gradient modes of ``flow_jvp`` (``grad=``):
 
@@ -41,7 +49,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-JVP_BACKENDS = ("func", "forward_ad", "double_backward", "finite_difference")
+JVP_BACKENDS = ("func", "forward_ad", "double_backward", "finite_difference", "fused", "auto")
+FN_BACKENDS = ("func", "forward_ad", "double_backward", "finite_difference")
 GRAD_MODES = ("full", "primal", "none")
 
 TangentLike = Union[float, torch.Tensor]
@@ -86,7 +95,9 @@ def jvp(
     for i, (p, d) in enumerate(zip(primals, tangents)):
         if p.shape != d.shape:
             raise ValueError(f"tangent {i} has shape {tuple(d.shape)}, primal has shape {tuple(p.shape)}")
-    check_backend(backend, "JVP backend")
+    if backend not in FN_BACKENDS:
+        raise ValueError(f"unknown JVP backend for a plain function: {backend!r}; choose one of {FN_BACKENDS} "
+                         "('fused' and 'auto' need a FlowMap: use flow_jvp)")
     if backend == "func":
         return torch.func.jvp(fn, primals, tangents)
     if backend == "forward_ad":
@@ -148,21 +159,42 @@ def _as_time_tangent(d: Optional[TangentLike], like: torch.Tensor, name: str) ->
     return d
 
 
-def _in_dtype(model: nn.Module, cond: Optional[torch.Tensor], output: str, dtype: torch.dtype):
-    """``(x, s, t) -> model(x, s, t, cond)`` evaluated with every floating parameter and buffer cast to
-    ``dtype`` (the module itself is left untouched)."""
+def _in_dtype(model: nn.Module, cond: Optional[torch.Tensor], output: str, dtype: torch.dtype, fused: bool):
+    """``(x, s, t) -> model(x, s, t, cond)`` (``fused``: ``(x, s, t, dx, ds, dt) -> (G, dG)``) evaluated
+    with every floating parameter and buffer cast to ``dtype`` (the module itself is left untouched)."""
     state = {
         name: (value.to(dtype) if value.is_floating_point() else value)
         for name, value in list(model.named_parameters()) + list(model.named_buffers())
     }
     cond_cast = cond.to(dtype) if cond is not None and cond.is_floating_point() else cond
 
-    def fn(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(
-            model, state, (x, s, t, cond_cast), {"output": output, "check_times": False}
-        )
+    def fn(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *tangents: torch.Tensor) -> torch.Tensor:
+        kwargs = {"output": output, "check_times": False}
+        if fused:
+            kwargs["tangents"] = tangents
+        return torch.func.functional_call(model, state, (x, s, t, cond_cast), kwargs)
 
     return fn
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` and ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def resolve_backend(model: nn.Module, backend: str) -> str:
+    """``backend``, with ``"auto"`` resolved: ``"fused"`` when the (unwrapped) model computes its own
+    tangents (``FlowMap.has_fused_tangent``), else ``"func"``."""
+    check_backend(backend)
+    if backend != "auto":
+        return backend
+    return "fused" if getattr(_unwrap(model), "has_fused_tangent", False) else "func"
 
 
 def flow_jvp(
@@ -176,7 +208,7 @@ def flow_jvp(
     ds: Optional[TangentLike] = None,
     dt: Optional[TangentLike] = None,
     output: str = "F",
-    backend: str = "func",
+    backend: str = "auto",
     grad: str = "full",
     tangent_dtype: Optional[torch.dtype] = None,
     fd_step: Optional[float] = None,
@@ -192,7 +224,7 @@ def flow_jvp(
 
         F, residual = flow_jvp(model, x_s, s, t, dx=v, ds=1.0, output="F")
     """
-    check_backend(backend)
+    backend = resolve_backend(model, backend)
     if grad not in GRAD_MODES:
         raise ValueError(f"unknown gradient mode {grad!r}; choose one of {GRAD_MODES}")
     if output not in ("F", "V"):
@@ -207,24 +239,36 @@ def flow_jvp(
     def fn(x_: torch.Tensor, s_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
         return model(x_, s_, t_, cond, output=output, check_times=False)
 
+    def evaluate(f: Callable, primals: tuple, tangents_: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        if backend == "fused":
+            return f(*primals, *tangents_)
+        return jvp(f, primals, tangents_, backend, fd_step)
+
+    def fused(x_, s_, t_, *d):
+        return model(x_, s_, t_, cond, output=output, check_times=False, tangents=d)
+
     if grad == "full":
         if tangent_dtype is not None:
             raise ValueError("tangent_dtype applies to stop-gradient tangents only (grad='primal' or 'none')")
         if backend == "func" and isinstance(model, nn.parallel.DistributedDataParallel):
             backend = "forward_ad"
-        return jvp(fn, (x, s, t), tangents, backend, fd_step)
+        return evaluate(fused if backend == "fused" else fn, (x, s, t), tangents)
 
     if tangent_dtype is None and backend == "finite_difference":
         tangent_dtype = torch.float64
+    if grad == "primal" and backend == "fused" and tangent_dtype in (None, x.dtype):
+        # one pass: a gradient-carrying output beside a tangent computed without gradient
+        primal, tangent = model(x, s, t, cond, output=output, check_times=False, tangents=tangents, tangent_grad=False)
+        return primal, tangent.detach()
     replay = RandomReplay(x.device)
     with torch.no_grad():
         if tangent_dtype is not None and tangent_dtype != x.dtype:
             cast = lambda z: z.to(tangent_dtype)  # noqa: E731
-            primal, tangent = jvp(_in_dtype(model, cond, output, tangent_dtype), (cast(x), cast(s), cast(t)),
-                                  tuple(cast(d) for d in tangents), backend, fd_step)
+            primal, tangent = evaluate(_in_dtype(model, cond, output, tangent_dtype, backend == "fused"),
+                                       (cast(x), cast(s), cast(t)), tuple(cast(d) for d in tangents))
             primal, tangent = primal.to(x.dtype), tangent.to(x.dtype)
         else:
-            primal, tangent = jvp(fn, (x, s, t), tangents, backend, fd_step)
+            primal, tangent = evaluate(fused if backend == "fused" else fn, (x, s, t), tangents)
     tangent = tangent.detach()
     if grad == "none":
         return primal.detach(), tangent
@@ -232,4 +276,5 @@ def flow_jvp(
     return fn(x, s, t), tangent
 
 
-__all__ = ["JVP_BACKENDS", "GRAD_MODES", "RandomReplay", "check_backend", "jvp", "flow_jvp"]
+__all__ = ["JVP_BACKENDS", "FN_BACKENDS", "GRAD_MODES", "RandomReplay", "check_backend", "resolve_backend", "jvp",
+           "flow_jvp"]

@@ -164,3 +164,59 @@ def test_each_method_is_sampled_with_its_own_multistep_sampler(tmp_path):
     assert {("ct", "consistency", 1), ("ct", "consistency", 2), ("pid", FLOW_MAP, 1)} <= samplers
     assert not any(m == "pid" and k == 2 for m, _, k in samplers)
     assert {r.method for r in result.rows if r.metric == "flow_map_error"} == {"ct", "pid"}
+
+
+def test_composition_error_and_cost_ratio_are_reported(tiny_result, tmp_path):
+    """Two-time maps get the compositional-rule residual; the table gives it and the training time
+    relative to ``fm``'s."""
+    result, _ = tiny_result
+    comp = [r for r in result.rows if r.metric.startswith("composition_error")]
+    assert {r.method for r in comp} == {"lsd"} and {r.seed for r in comp} == {0, 1}
+    assert all(r.value >= 0 for r in comp)
+    text = write_report(result, tmp_path)
+    assert "composition error (s > u > t)" in text and "training time / fm" in text
+    fm_row = next(line for line in text.splitlines() if line.startswith("| fm |") and line.endswith("| 1.00 |"))
+    assert fm_row
+
+
+def test_parallel_jobs_give_the_serial_rows(tmp_path):
+    """``jobs=2`` trains in spawned worker processes and returns the serial run's rows, in its order."""
+    cfg = BenchConfig(datasets=["8gaussians"], **{**TINY, "seeds": [0], "steps": 6})
+    serial = run_bench(cfg, tmp_path / "serial", log=lambda _: None)
+    parallel = run_bench(cfg, tmp_path / "parallel", log=lambda _: None, jobs=2)
+    key = lambda r: (r.dataset, r.method, r.sampler, r.nfe, r.seed, r.metric)  # noqa: E731
+    assert [key(r) for r in serial.rows] == [key(r) for r in parallel.rows]
+    for a, b in zip(serial.rows, parallel.rows):
+        if a.metric != "train_seconds":
+            assert b.value == pytest.approx(a.value, rel=1e-4, abs=1e-7), key(a)
+    assert set(parallel.panels["8gaussians"]) == {"data", "fm", "lsd"}
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        run_bench(cfg, tmp_path / "none", jobs=0)
+
+
+def test_a_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path):
+    """Finished (method, seed) runs are recorded beside their weights; rerunning the benchmark into the
+    same directory reuses them (nothing retrained), while a changed budget retrains."""
+    cfg = BenchConfig(datasets=["8gaussians"], **{**TINY, "seeds": [0], "steps": 5})
+    first = run_bench(cfg, tmp_path, log=lambda _: None)
+    weights = tmp_path / "runs" / "8gaussians" / "lsd" / "seed0" / "model_ema.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = run_bench(cfg, tmp_path, log=lambda _: None)
+    assert weights.stat().st_mtime_ns == stamp
+    assert [(r.method, r.metric, r.value) for r in again.rows] == [(r.method, r.metric, r.value) for r in first.rows]
+    assert set(again.panels["8gaussians"]["lsd"]) == set(first.panels["8gaussians"]["lsd"])
+    changed = run_bench(cfg.replace(steps=6), tmp_path, log=lambda _: None)
+    assert weights.stat().st_mtime_ns != stamp and not changed.notes
+
+
+def test_ect_starts_from_the_benchmarks_own_fm_run(tmp_path):
+    """ECT is initialised from a pretrained diffusion model: the bench hands it the fm run of the same
+    seed (run after every fm run), and skips it with a note when fm is not benchmarked."""
+    cfg = BenchConfig(datasets=["8gaussians"], **{**TINY, "seeds": [0], "steps": 4, "methods": ["ect", "fm"]})
+    result = run_bench(cfg, tmp_path, log=lambda _: None)
+    assert result.notes == []
+    assert any(r.method == "ect" and r.sampler == "consistency" for r in result.rows)
+    saved = (tmp_path / "runs" / "8gaussians" / "ect" / "seed0" / "config.yaml").read_text()
+    assert str(tmp_path / "runs" / "8gaussians" / "fm" / "seed0") in saved
+    alone = run_bench(cfg.replace(methods=["ect"]), tmp_path / "alone", log=lambda _: None)
+    assert any("ect on 8gaussians: skipped" in n and "include fm" in n for n in alone.notes)

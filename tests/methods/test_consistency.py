@@ -100,7 +100,7 @@ def test_ctm_differentiates_the_map_to_data_only_through_its_input():
     x, s = torch.randn(6, 2, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
     t, target = 0.5 * s, torch.randn(6, 2, dtype=torch.float64)
     y = model(x, s, t, check_times=False)
-    ((_through_frozen_weights(model, y, t, None, "func") - target) ** 2).sum().backward()
+    ((_through_frozen_weights(model, y, t, None) - target) ** 2).sum().backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     model.zero_grad()
     y = model(x, s, t, check_times=False)
@@ -344,3 +344,44 @@ def test_ect_short_run_tunes_an_fm_teacher(runs_dir):
 
     teacher = run(runs_dir / "teacher", "fm", 500)
     assert_trains(runs_dir, "ect", 500, teacher=str(teacher))
+
+
+def test_ctm_frozen_map_under_ddp_reduces_every_gradient_once(tmp_path):
+    """The stop-gradient-weights call bypasses the DDP wrapper (it makes no weight gradient), while
+    the student's call goes through it: a CTM loss under one-process DDP (gloo) gives the unwrapped
+    model's gradients, and every parameter passes the all-reduce hook."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flowmaps.methods.consistency import _through_frozen_weights
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = FlowMap(MLP(2, width=16, depth=2)).double()
+        torch.manual_seed(0)
+        ddp = DDP(FlowMap(MLP(2, width=16, depth=2)).double())
+        reduced: list[int] = []
+
+        def hook(state, bucket):
+            reduced.append(len(bucket.gradients()))
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        ddp.register_comm_hook(None, hook)
+        x, s = torch.randn(6, 2, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+        t, target = 0.5 * s, torch.randn(6, 2, dtype=torch.float64)
+        grads = []
+        for _ in range(3):  # DDP rebuilds its buckets after the first iteration
+            grads.clear()
+            for m in (plain, ddp):
+                m.zero_grad()
+                reduced.clear()
+                jump = m(x, s, t, check_times=False)
+                ((_through_frozen_weights(m, jump, t, None) - target) ** 2).sum().backward()
+                grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+            assert torch.allclose(grads[0], grads[1], atol=1e-12)
+            assert sum(reduced) == len(list(plain.parameters()))
+    finally:
+        dist.destroy_process_group()

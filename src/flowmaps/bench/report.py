@@ -6,8 +6,9 @@ Files written into the results directory:
 - ``summary.csv``: mean, sample standard deviation and count over seeds per
   (dataset, method, sampler, nfe, metric);
 - ``table.md``: per dataset, the energy distance (and, on the checkerboard, the histogram KL)
-  of every method and sampler by NFE as ``mean ± std``, the flow-map error on mixture data,
-  training seconds, and the notes (skipped or failed methods);
+  of every method and sampler by NFE as ``mean ± std``; per method the flow-map error (mixture
+  data), the compositional-rule residual, training seconds and their ratio to ``fm``'s; and the
+  notes (skipped or failed methods);
 - ``quality_vs_nfe_<dataset>.png``: each metric against NFE (log-log), one line per method and
   sampler with the seeds' spread as error bars, the exact-sample floor as a dotted line;
 - ``samples_<dataset>.png``: a grid of seed-0 samples, one row per method, one column per sampler;
@@ -36,6 +37,7 @@ METRIC_TITLES = {
     "mmd": "MMD^2",
     "hist_kl": "histogram KL (50x50)",
     "flow_map_error": "flow-map error",
+    "composition_error": "composition error",
 }
 
 
@@ -111,28 +113,50 @@ def markdown_tables(result: BenchResult, summaries: list[Summary]) -> str:
                 row = [format_cell(by_nfe[k]) if k in by_nfe else "" for k in nfes]
                 lines.append(f"| {method} | {sampler} | " + " | ".join(row) + " |")
             lines.append("")
-        errors = [s for s in items if s.metric in ("flow_map_error", "flow_map_error_1_to_0")]
-        train = {s.method: s for s in items if s.sampler == TRAINING}
-        if errors or train:
-            if errors:
-                lines += [f"### {dataset}: flow-map error and training time", "",
-                          "Flow-map error `E|F_model - F_exact|^2 / E|F_exact - x_s|^2` at exact samples `x_s`, mean "
-                          f"over the {cfg.flow_map_error_points}-point grid of pairs `s > t` (for maps trained only "
-                          "to `t = 0` or only from `s = 1`: over those pairs) and at `(1, 0)` "
-                          "(0: exact map; 1: the identity).", ""]
-            else:
-                lines += [f"### {dataset}: training time", "", "(No exact flow map for this data: not a Gaussian mixture.)", ""]
-            lines += ["| method | flow-map error (grid) | flow-map error (1 -> 0) | training seconds |", "|---|---|---|---|"]
-            methods = list(dict.fromkeys([s.method for s in errors] + list(train)))
-            for method in methods:
-                grid = next((format_cell(s) for s in errors if s.method == method and s.metric == "flow_map_error"), "")
-                full = next((format_cell(s) for s in errors if s.method == method and s.metric != "flow_map_error"), "")
-                secs = format_cell(train[method]) if method in train else ""
-                lines.append(f"| {method} | {grid} | {full} | {secs} |")
-            lines.append("")
+        lines += _per_method_table(dataset, items, cfg.flow_map_error_points)
     if result.notes:
         lines += ["### Notes", ""] + [f"- {note}" for note in result.notes] + [""]
     return "\n".join(lines)
+
+
+PER_METHOD_COLUMNS = (
+    ("flow_map_error", "flow-map error (grid)"),
+    ("flow_map_error_1_to_0", "flow-map error (1 -> 0)"),
+    ("composition_error", "composition error (s > u > t)"),
+    ("composition_error_noise_to_data", "composition error (1 > u > 0)"),
+    ("train_seconds", "training seconds"),
+)
+
+
+def _per_method_table(dataset: str, items: list[Summary], grid_points: int) -> list[str]:
+    """Per method: flow-map error (mixtures), compositional-rule residual (two-time maps), training
+    seconds and their ratio to ``fm``'s; columns without any value are left out."""
+    cells = {(s.method, s.metric): s for s in items if s.metric in dict(PER_METHOD_COLUMNS)}
+    if not cells:
+        return []
+    columns = [(metric, title) for metric, title in PER_METHOD_COLUMNS if any(m == metric for _, m in cells)]
+    methods = list(dict.fromkeys(method for method, _ in cells))
+    fm_seconds = cells.get(("fm", "train_seconds"))
+    lines = [f"### {dataset}: flow-map error, composition error and training time", ""]
+    if any(metric == "flow_map_error" for metric, _ in columns):
+        lines.append("Flow-map error `E|F_model - F_exact|^2 / E|F_exact - x_s|^2` at exact samples `x_s`, mean over "
+                     f"the {grid_points}-point grid of pairs `s > t` (for maps trained only to `t = 0` or only from "
+                     "`s = 1`: over those pairs) and at `(1, 0)` (0: exact map; 1: the identity).")
+    else:
+        lines.append("(No exact flow map for this data: not a Gaussian mixture.)")
+    lines += ["Composition error `E|F(F(x_s, s, u), u, t) - F(x_s, s, t)|^2 / E|F(x_s, s, t) - x_s|^2` on data "
+              "paths, `s > u > t` uniform, and for `s = 1, t = 0` (one step against two); two-time maps only "
+              "(0 for any exact flow map).", ""]
+    header = [title for _, title in columns] + (["training time / fm"] if fm_seconds is not None else [])
+    lines += ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for method in methods:
+        row = [format_cell(cells[(method, metric)]) if (method, metric) in cells else "" for metric, _ in columns]
+        if fm_seconds is not None:
+            own = cells.get((method, "train_seconds"))
+            row.append(f"{own.mean / fm_seconds.mean:.2f}" if own is not None and fm_seconds.mean > 0 else "")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
 
 
 def plot_quality_vs_nfe(summaries: list[Summary], dataset: str, path: Path) -> None:

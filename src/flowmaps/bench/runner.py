@@ -15,18 +15,31 @@ on the exact velocity (the discretisation error alone). Then, per method, it tra
   ``ode_scope="all"``);
 - the flow-map error over a grid of ``(s, t)`` pairs (mixture data, non-diagonal methods;
   restricted to the pairs the method trains: ``t = 0`` for consistency maps, ``s = 1`` for
-  one-step maps).
+  one-step maps);
+- the compositional-rule residual ``F(F(x_s, s, u), u, t)`` against ``F(x_s, s, t)`` on real data
+  (``flowmaps.diagnostics.composition_error``, relative to the jump's size), for two-time maps only
+  (maps trained only towards ``t = 0`` or only from ``s = 1`` are never trained at the inner
+  times, so the rule says nothing about them).
+
+The (method, seed) runs are independent; ``run_bench(..., jobs=N)`` runs N of them at once in
+worker processes.
 
 Each measurement is one ``Row``; ``flowmaps.bench.report`` aggregates and writes them. A method
 that needs a teacher runs with ``--teacher exact`` on mixture data and is skipped with a note on
-other data; a method that fails is recorded with its error and the run goes on.
+other data; a method initialised from a pretrained network (ECT) starts from the benchmark's own
+``fm`` run of the same seed, after all other runs; a method that fails is recorded with its error
+and the run goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import multiprocessing
 import shutil
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,6 +49,7 @@ import torch
 from flowmaps import metrics
 from flowmaps.bench.config import BenchConfig
 from flowmaps.data import DataSource, get_data
+from flowmaps.diagnostics import composition_error
 from flowmaps.evaluation import sample_metrics
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import get_method_class, method_names
@@ -104,15 +118,16 @@ def train_config(cfg: BenchConfig, dataset: str, method: str, seed: int, teacher
 class _Measure:
     """Metrics of sample sets against one dataset's reference samples for one seed."""
 
-    def __init__(self, result: BenchResult, data: DataSource, seed: int, reference: torch.Tensor):
-        self.result, self.data, self.seed, self.reference = result, data, seed, reference
+    def __init__(self, data: DataSource, seed: int, reference: torch.Tensor):
+        self.data, self.seed, self.reference = data, seed, reference
+        self.rows: list[Row] = []
 
     def samples(self, method: str, sampler: str, nfe: Optional[int], x: torch.Tensor) -> None:
         for name, value in sample_metrics(x.cpu(), self.reference, self.data.name).items():
-            self.result.rows.append(Row(self.data.name, method, sampler, nfe, self.seed, name, value))
+            self.rows.append(Row(self.data.name, method, sampler, nfe, self.seed, name, value))
 
     def scalar(self, method: str, sampler: str, metric: str, value: float) -> None:
-        self.result.rows.append(Row(self.data.name, method, sampler, None, self.seed, metric, value))
+        self.rows.append(Row(self.data.name, method, sampler, None, self.seed, metric, value))
 
 
 def _step_label(k: int) -> str:
@@ -130,7 +145,7 @@ def _trained_pairs(reference: metrics.FlowMapReference, multistep: str) -> metri
 
 @torch.no_grad()
 def _sample_model(
-    cfg: BenchConfig, model: FlowMap, method: str, measure: _Measure, noise: torch.Tensor,
+    cfg: BenchConfig, model: FlowMap, method: str, measure: "_Measure", noise: torch.Tensor,
     multistep: Optional[str], ode: bool, panels: Optional[dict[str, torch.Tensor]], schedule: Schedule, seed: int,
 ) -> None:
     """Samples of ``model`` with the method's own multistep sampler (``None``: none) and the ODE baseline."""
@@ -155,19 +170,184 @@ def _sample_model(
                 panels[f"ODE {counter.calls} NFE"] = x.cpu()
 
 
-def run_bench(
-    cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = print
-) -> BenchResult:
-    """Run the benchmark ``cfg`` describes; training runs are kept under ``out_dir/runs``."""
+@dataclass
+class SeedContext:
+    """What every method of one (dataset, seed) is measured against: exact reference samples, the
+    shared noise, the exact flow map's jumps (mixtures) and the rows of the floor and exact ODE."""
+
+    data: DataSource
+    seed: int
+    reference: torch.Tensor
+    noise: torch.Tensor
+    fm_reference: Optional[metrics.FlowMapReference]
+    rows: list[Row]
+
+
+def seed_context(cfg: BenchConfig, dataset: str, seed: int) -> SeedContext:
+    """Draw the seed's reference, floor set and noise, and solve the exact references; deterministic in
+    ``(cfg, dataset, seed)``, so worker processes rebuild exactly what the parent measures against."""
+    device = torch.device(cfg.device)
+    data = get_data(dataset)
+    gen = torch.Generator(device=device).manual_seed(10_007 * (seed + 1))
+    reference = data.sample(cfg.n_samples, gen).cpu()
+    measure = _Measure(data, seed, reference)
+    measure.samples(FLOOR, FLOOR, None, data.sample(cfg.n_samples, gen))
+    noise = torch.randn(cfg.n_samples, data.dim, generator=gen, device=device)
+    fm_reference = None
+    if data.mixture is not None:
+        exact = FlowMap(ExactAverageVelocity(data.mixture))
+        for k in cfg.ode_steps:
+            x = sample_ode(exact, noise.double(), k, cfg.ode_solver).float()
+            measure.samples(EXACT_ODE, ode_label(cfg.ode_solver), ode_nfe(k, cfg.ode_solver), x)
+        fm_reference = metrics.flow_map_reference(
+            data.mixture, metrics.time_pair_grid(cfg.flow_map_error_points), cfg.flow_map_error_samples, gen, device)
+    return SeedContext(data, seed, reference, noise, fm_reference, measure.rows)
+
+
+_CONTEXTS: dict[tuple[str, str, int], SeedContext] = {}
+
+
+def _cached_context(cfg: BenchConfig, dataset: str, seed: int) -> SeedContext:
+    key = (json.dumps(cfg.to_dict(), sort_keys=True), dataset, seed)
+    if key not in _CONTEXTS:
+        _CONTEXTS.clear()  # one (dataset, seed) at a time is enough: tasks arrive grouped
+        _CONTEXTS[key] = seed_context(cfg, dataset, seed)
+    return _CONTEXTS[key]
+
+
+@dataclass
+class MethodOutcome:
+    """The rows of one (dataset, method, seed) run, a note if it failed, its seed-0 sample panels."""
+
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    panels: Optional[dict[str, torch.Tensor]] = None
+
+
+def run_method(cfg: BenchConfig, dataset: str, method: str, seed: int, out_dir: Path) -> MethodOutcome:
+    """Train ``method`` on ``dataset`` with ``seed`` under the shared budget and measure its EMA model:
+    its multistep sampler at every NFE, the ODE baseline (``fm``, or all with ``ode_scope="all"``), the
+    flow-map error (mixtures) and the compositional-rule residual (two-time maps)."""
     from flowmaps.runs import load
     from flowmaps.train.config import config_from_dict
     from flowmaps.train.loop import train
 
+    run_dir = Path(out_dir) / "runs" / Path(get_data(dataset).name).stem / method / f"seed{seed}"
+    settings = _measurement_settings(cfg)
+    finished = _load_outcome(run_dir, settings)
+    if finished is not None:
+        return finished
+    ctx = _cached_context(cfg, dataset, seed)
+    device = torch.device(cfg.device)
+    cls = get_method_class(method)
+    teacher = _teacher_of(cls, run_dir) if cls.needs_teacher else None
+    measure = _Measure(ctx.data, seed, ctx.reference)
+    outcome = MethodOutcome(rows=measure.rows)
+    try:
+        if run_dir.exists():  # an unfinished or differently configured run: start afresh
+            shutil.rmtree(run_dir)
+        run_cfg = config_from_dict(train_config(cfg, dataset, method, seed, teacher))
+        trained = train(run_cfg, run_dir, progress=False, evaluate_at_end=False)
+        model = load(run_dir, ema=True, device=device)
+        schedule = get_schedule(run_cfg.train.schedule)
+        diagonal = cls.rule == "diagonal"
+        multistep = None if diagonal else getattr(cls, "multistep_sampler", "flow_map")
+        panels = {} if seed == cfg.seeds[0] else None
+        measure.scalar(method, TRAINING, "train_seconds", trained.train_seconds)
+        _sample_model(cfg, model, method, measure, ctx.noise, multistep, diagonal or cfg.ode_scope == "all",
+                      panels, schedule, seed)
+        if ctx.fm_reference is not None and multistep is not None:
+            error = metrics.flow_map_error(model, _trained_pairs(ctx.fm_reference, multistep))
+            measure.scalar(method, FLOW_MAP, "flow_map_error", error.mean)
+            measure.scalar(method, FLOW_MAP, "flow_map_error_1_to_0", error.per_pair[(1.0, 0.0)])
+        if multistep == "flow_map":
+            gen = torch.Generator(device=device).manual_seed(7_919 * (seed + 1))
+            comp = composition_error(model, ctx.reference[: cfg.flow_map_error_samples].to(device), schedule, gen)
+            measure.scalar(method, FLOW_MAP, "composition_error", comp["relative"])
+            measure.scalar(method, FLOW_MAP, "composition_error_noise_to_data", comp["relative_noise_to_data"])
+        outcome.panels = panels
+        _save_outcome(run_dir, settings, outcome)
+    except Exception as err:  # noqa: BLE001 - one broken method must not stop the benchmark
+        last = traceback.extract_tb(err.__traceback__)[-1]
+        outcome.notes.append(f"{method} on {ctx.data.name} (seed {seed}): failed with {type(err).__name__}: "
+                             f"{err} [{Path(last.filename).name}:{last.lineno}]")
+    return outcome
+
+
+def _teacher_of(cls: type, run_dir: Path) -> str:
+    """The exact oracle, or for methods initialised from a trained network (ECT) the benchmark's own
+    ``fm`` run of the same dataset and seed (a pretrained diffusion model of the same size)."""
+    if getattr(cls, "initializes_from_teacher", False):
+        return str(run_dir.parent.parent / "fm" / run_dir.name)
+    return "exact"
+
+
+OUTCOME_FILE = "bench_outcome.json"
+PANELS_FILE = "bench_panels.safetensors"
+
+
+def _measurement_settings(cfg: BenchConfig) -> dict:
+    """What a finished run's measurements depend on: everything but the lists of methods, seeds and
+    datasets (a run is one method, seed and dataset)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("methods", "seeds", "datasets")}
+
+
+def _save_outcome(run_dir: Path, settings: dict, outcome: MethodOutcome) -> None:
+    """Record a finished run's rows (JSON) and sample panels (safetensors) beside its weights,
+    atomically, so that a rerun of the same benchmark reuses it."""
+    from safetensors.torch import save_file
+
+    if outcome.panels:
+        save_file({k: v.contiguous() for k, v in outcome.panels.items()}, str(run_dir / PANELS_FILE))
+    payload = {"settings": settings, "panels": outcome.panels is not None,
+               "rows": [dataclasses.asdict(r) for r in outcome.rows]}
+    tmp = run_dir / (OUTCOME_FILE + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(run_dir / OUTCOME_FILE)
+
+
+def _load_outcome(run_dir: Path, settings: dict) -> Optional[MethodOutcome]:
+    """The recorded outcome of a finished run with the same settings, else ``None``."""
+    from safetensors.torch import load_file
+
+    path = run_dir / OUTCOME_FILE
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+        if payload["settings"] != json.loads(json.dumps(settings)):
+            return None
+        panels = None
+        if payload["panels"]:
+            panels = load_file(str(run_dir / PANELS_FILE)) if (run_dir / PANELS_FILE).is_file() else {}
+        return MethodOutcome(rows=[Row(**r) for r in payload["rows"]], panels=panels)
+    except (ValueError, KeyError, TypeError, OSError):  # unreadable: measure again
+        return None
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_bench(
+    cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = print, jobs: int = 1
+) -> BenchResult:
+    """Run the benchmark ``cfg`` describes; training runs are kept under ``out_dir/runs``.
+
+    ``jobs > 1`` trains that many (method, seed) runs at once in worker processes (spawned, one
+    torch thread each); the rows are identical to a serial run's and come in the same order. A run
+    that finished in an earlier invocation into the same ``out_dir`` with the same settings (its
+    ``bench_outcome.json``) is reused, not retrained: an interrupted benchmark resumes where it
+    stopped, possibly with another ``jobs``.
+    """
+    if jobs < 1:
+        raise ValueError(f"bench: jobs must be at least 1; got {jobs}")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     methods = resolve_methods(cfg)
     result = BenchResult(cfg)
-    device = torch.device(cfg.device)
+    tasks: list[tuple[str, str, int]] = []
+    later: list[tuple[str, str, int]] = []  # methods initialised from the fm runs (ECT)
     for dataset in cfg.datasets:
         data = get_data(dataset)
         runnable = []
@@ -177,49 +357,49 @@ def run_bench(
                                     "needs Gaussian-mixture data)")
             else:
                 runnable.append(method)
+        initialized = [m for m in runnable if getattr(get_method_class(m), "initializes_from_teacher", False)]
+        if initialized and "fm" not in runnable:
+            result.notes.append(f"{', '.join(initialized)} on {data.name}: skipped (initialised from the benchmark's "
+                                "own fm run: include fm in the methods)")
+            runnable = [m for m in runnable if m not in initialized]
         result.panels[data.name] = {}
         for seed in cfg.seeds:
-            gen = torch.Generator(device=device).manual_seed(10_007 * (seed + 1))
-            reference = data.sample(cfg.n_samples, gen).cpu()
-            measure = _Measure(result, data, seed, reference)
-            measure.samples(FLOOR, FLOOR, None, data.sample(cfg.n_samples, gen))
-            noise = torch.randn(cfg.n_samples, data.dim, generator=gen, device=device)
-            fm_reference = None
-            if data.mixture is not None:
-                exact = FlowMap(ExactAverageVelocity(data.mixture))
-                for k in cfg.ode_steps:
-                    x = sample_ode(exact, noise.double(), k, cfg.ode_solver).float()
-                    measure.samples(EXACT_ODE, ode_label(cfg.ode_solver), ode_nfe(k, cfg.ode_solver), x)
-                fm_reference = metrics.flow_map_reference(
-                    data.mixture, metrics.time_pair_grid(cfg.flow_map_error_points),
-                    cfg.flow_map_error_samples, gen, device)
+            ctx = _cached_context(cfg, dataset, seed)
+            result.rows += ctx.rows
             if seed == cfg.seeds[0]:
-                result.panels[data.name]["data"] = {"data": reference}
-            for method in runnable:
-                cls = get_method_class(method)
-                teacher = "exact" if cls.needs_teacher else None
-                run_dir = out_dir / "runs" / Path(data.name).stem / method / f"seed{seed}"
-                log(f"bench: {method} on {data.name}, seed {seed} ({cfg.steps} steps, batch {cfg.batch_size})")
-                try:
-                    if run_dir.exists():  # the harness owns out_dir/runs: a rerun starts afresh
-                        shutil.rmtree(run_dir)
-                    run_cfg = config_from_dict(train_config(cfg, dataset, method, seed, teacher))
-                    trained = train(run_cfg, run_dir, progress=False, evaluate_at_end=False)
-                    model = load(run_dir, ema=True, device=device)
-                    diagonal = cls.rule == "diagonal"
-                    multistep = None if diagonal else getattr(cls, "multistep_sampler", "flow_map")
-                    panels = result.panels[data.name].setdefault(method, {}) if seed == cfg.seeds[0] else None
-                    measure.scalar(method, TRAINING, "train_seconds", trained.train_seconds)
-                    _sample_model(cfg, model, method, measure, noise, multistep, diagonal or cfg.ode_scope == "all",
-                                  panels, get_schedule(run_cfg.train.schedule), seed)
-                    if fm_reference is not None and multistep is not None:
-                        error = metrics.flow_map_error(model, _trained_pairs(fm_reference, multistep))
-                        measure.scalar(method, FLOW_MAP, "flow_map_error", error.mean)
-                        measure.scalar(method, FLOW_MAP, "flow_map_error_1_to_0", error.per_pair[(1.0, 0.0)])
-                except Exception as err:  # noqa: BLE001 - one broken method must not stop the benchmark
-                    last = traceback.extract_tb(err.__traceback__)[-1]
-                    result.notes.append(f"{method} on {data.name} (seed {seed}): failed with {type(err).__name__}: "
-                                        f"{err} [{Path(last.filename).name}:{last.lineno}]")
-                    log(f"bench: {result.notes[-1]}")
+                result.panels[data.name]["data"] = {"data": ctx.reference}
+            tasks += [(dataset, method, seed) for method in runnable if method not in initialized]
+            later += [(dataset, method, seed) for method in runnable if method in initialized]
+    tasks += later  # after every fm run they start from
+
+    def report(task: tuple[str, str, int], outcome: MethodOutcome, done: int) -> None:
+        dataset, method, seed = task
+        status = f"failed: {outcome.notes[0]}" if outcome.notes else "done"
+        log(f"bench: [{done}/{len(tasks)}] {method} on {dataset}, seed {seed} {status} "
+            f"({time.perf_counter() - start:.0f}s)")
+
+    log(f"bench: {len(tasks)} runs of {cfg.steps} steps at batch {cfg.batch_size}, {jobs} at a time")
+    outcomes: list[MethodOutcome] = []
+    first_phase = len(tasks) - len(later)
+    if jobs == 1:
+        for task in tasks:
+            outcomes.append(run_method(cfg, *task, out_dir))
+            report(task, outcomes[-1], len(outcomes))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread) as pool:
+            for phase in (range(first_phase), range(first_phase, len(tasks))):
+                futures = {pool.submit(run_method, cfg, *tasks[i], out_dir): i for i in phase}
+                finished: dict[int, MethodOutcome] = {}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    finished[i] = future.result()
+                    report(tasks[i], finished[i], len(outcomes) + len(finished))
+                outcomes += [finished[i] for i in phase]
+    for (dataset, method, _), outcome in zip(tasks, outcomes):
+        result.rows += outcome.rows
+        result.notes += outcome.notes
+        if outcome.panels is not None:
+            result.panels[get_data(dataset).name][method] = outcome.panels
     result.seconds = time.perf_counter() - start
     return result

@@ -63,6 +63,9 @@ class Method(ABC):
     setting: str = ""
     cost: int = 0
     needs_teacher: bool = False
+    # True when the teacher must be a trained network whose weights initialise the student (ECT):
+    # the exact oracle cannot serve, a run directory must.
+    initializes_from_teacher: bool = False
     # How the trained map samples in several steps: "flow_map" (compose F), "consistency" (maps trained
     # only towards t = 0: jump to data and re-noise), "one_step" (maps trained only from s = 1).
     multistep_sampler: str = "flow_map"

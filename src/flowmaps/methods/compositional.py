@@ -361,7 +361,7 @@ class FlowMapMatching(_DiagonalPlusRule):
         time_distribution: str = "uniform",
         logit_mean: float = -0.4,
         logit_std: float = 1.0,
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         check_backend(jvp_backend)
         super().__init__(schedule, diagonal_fraction, time_distribution, "both", logit_mean, logit_std)

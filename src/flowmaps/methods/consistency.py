@@ -425,6 +425,7 @@ class EasyConsistencyTuning(ConsistencyTraining):
     """
 
     name = "ect"
+    initializes_from_teacher = True
     setting = "teacher"
     needs_teacher = True
 
@@ -519,7 +520,7 @@ class ContinuousConsistency(Method):
         logit_std: float = 1.4,
         tangent_norm_c: float = 0.1,
         tangent_warmup: float = 0.1,
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(schedule)
         check_backend(jvp_backend)
@@ -593,7 +594,7 @@ class FlowAnchoredConsistency(Method):
         relaxation_power: float = 0.5,
         adaptive_c: float = 1e-3,
         adaptive_power: float = 0.5,
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(schedule)
         check_backend(jvp_backend)
@@ -637,18 +638,18 @@ class FlowAnchoredConsistency(Method):
 
 
 def _through_frozen_weights(
-    model: nn.Module, y: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor], backend: str
+    model: nn.Module, y: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """``F(y, t, 0)`` with the weights under stop-gradient but the gradient flowing through ``y``.
 
-    ``F(y) = F(sg y) + J(sg y) (y - sg y)`` is exact in value (the correction is zero) and in its
-    gradient, which is ``J^T`` back into ``y``; the weights' gradient vanishes because it is
-    multiplied by the zero tangent. One JVP through the ordinary model call (DDP-safe).
+    The network is called with detached copies of its parameters (``torch.func.functional_call``), so
+    back-propagation reaches ``y`` (``J^T`` of the map) and nothing else: one forward and one
+    input-only backward. Under ``DistributedDataParallel`` the call goes to the wrapped module: it
+    produces no weight gradient, so it must not register DDP's gradient hooks either.
     """
-    base = y.detach()
-    value, correction = flow_jvp(model, base, t, torch.zeros_like(t), cond, dx=y - base, output="F",
-                                 backend=backend, grad="full")
-    return value.detach() + correction
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    frozen = {name: p.detach() for name, p in inner.named_parameters()}
+    return torch.func.functional_call(inner, frozen, (y, t, torch.zeros_like(t), cond), {"check_times": False})
 
 
 @register
@@ -689,16 +690,14 @@ class ConsistencyTrajectory(_EMATargetMethod):
         logit_mean: float = -1.1,
         logit_std: float = 2.0,
         target_ema_decay: float = 0.999,
-        jvp_backend: str = "func",
     ):
         super().__init__(schedule, target_ema_decay)
         _check_choice("solver", solver, SOLVERS)
-        check_backend(jvp_backend)
         if num_steps < 1:
             raise ValueError(f"num_steps must be a positive number of grid intervals; got {num_steps}")
         self.teacher = teacher
         self.pairs = TimePairSampler(diagonal_fraction, time_distribution, logit_mean=logit_mean, logit_std=logit_std)
-        self.num_steps, self.solver, self.jvp_backend = num_steps, solver, jvp_backend
+        self.num_steps, self.solver = num_steps, solver
 
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, ctx: Optional[LossContext] = None
@@ -726,7 +725,7 @@ class ConsistencyTrajectory(_EMATargetMethod):
             with torch.no_grad():
                 target = model(target_jump, t, zero, off.cond, check_times=False)
             jump = model(x_s, s, t, off.cond, check_times=False)
-            pred = _through_frozen_weights(model, jump, t, off.cond, self.jvp_backend)
+            pred = _through_frozen_weights(model, jump, t, off.cond)
             loss_ctm = mean_square(pred - target)
             per_example.append(loss_ctm)
             terms["trajectory"] = loss_ctm.mean().detach()

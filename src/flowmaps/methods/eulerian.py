@@ -76,7 +76,7 @@ class EMD(SplitBatchMethod):
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(schedule, teacher=teacher, 
             diagonal_fraction=diagonal_fraction, time_distribution=time_distribution, direction=direction,
@@ -130,7 +130,7 @@ class ESD(SplitBatchMethod):
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(schedule, 
             diagonal_fraction=diagonal_fraction, time_distribution=time_distribution, direction=direction,
@@ -190,7 +190,7 @@ class AYFEMD(SplitBatchMethod):
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(schedule, teacher=teacher, 
             diagonal_fraction=diagonal_fraction, time_distribution=time_distribution, direction=direction,
@@ -271,7 +271,7 @@ class SoFlow(SplitBatchMethod):
             diagonal_fraction=diagonal_fraction, time_distribution=time_distribution, direction=direction,
             logit_mean=logit_mean, logit_std=logit_std, max_gap_start=max_gap_start, gap_warmup=gap_warmup,
             penalty=penalty, penalty_c=penalty_c, adaptive_p=adaptive_p, adaptive_c=adaptive_c,
-            reduction=reduction, time_weight=time_weight, jvp_backend="func")
+            reduction=reduction, time_weight=time_weight, jvp_backend="auto")
         if velocity not in SOFLOW_VELOCITIES:
             raise ValueError(f"velocity of method 'soflow' must be one of {SOFLOW_VELOCITIES}; got {velocity!r}")
         if not 0 < step_end <= step_start < 1:
@@ -369,7 +369,7 @@ class MeanFlow(_AllRowsEulerian):
         adaptive_c: float = 1e-3,
         reduction: str = "sum",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         chosen = resolve_preset(MEANFLOW_PRESETS, preset, "meanflow", diagonal_fraction=diagonal_fraction,
                                 logit_mean=logit_mean, logit_std=logit_std, adaptive_p=adaptive_p)
@@ -430,7 +430,7 @@ class ImprovedMeanFlow(_AllRowsEulerian):
         adaptive_c: float = 0.01,
         reduction: str = "sum",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(schedule, 
             diagonal_fraction=diagonal_fraction, time_distribution=time_distribution, direction=direction,

@@ -88,7 +88,7 @@ class LMD(SplitBatchMethod):
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(
             schedule, teacher=teacher, diagonal_fraction=diagonal_fraction, time_distribution=time_distribution,
@@ -141,7 +141,7 @@ class LSD(SplitBatchMethod):
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(
             schedule, diagonal_fraction=diagonal_fraction, time_distribution=time_distribution,
@@ -203,7 +203,7 @@ class AYFLMD(SplitBatchMethod):
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(
             schedule, teacher=teacher, diagonal_fraction=diagonal_fraction, time_distribution=time_distribution,
@@ -272,7 +272,7 @@ class TVM(TwoTimeMethod):
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
         time_weight: str = "none",
-        jvp_backend: str = "func",
+        jvp_backend: str = "auto",
     ):
         super().__init__(
             schedule, diagonal_fraction=0.0, time_distribution=time_distribution, direction=direction,

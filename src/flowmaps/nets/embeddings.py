@@ -1,4 +1,8 @@
-"""Time embeddings for flow-map backbones."""
+"""Feature embeddings for flow-map backbones: Fourier features of times and of coordinates.
+
+Each embedding also gives its directional derivative (``tangent``), so that a backbone can carry a
+JVP tangent through itself in closed form (``MLP.forward_with_tangent``).
+"""
 
 from __future__ import annotations
 
@@ -27,3 +31,45 @@ class FourierTimeEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t[:, None] * self.freqs.to(t.dtype)
         return torch.cat([t[:, None], torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def tangent(self, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """``d/de forward(t + e dt)``: ``dt [1, w cos(w t), -w sin(w t)]``."""
+        w = self.freqs.to(t.dtype)
+        angles = t[:, None] * w
+        slope = torch.cat([torch.ones_like(t)[:, None], w * torch.cos(angles), -w * torch.sin(angles)], dim=-1)
+        return dt[:, None] * slope
+
+
+class FourierInputFeatures(nn.Module):
+    """``[x, sin(2 pi x B), cos(2 pi x B)]`` with a fixed Gaussian matrix ``B`` of ``num_features``
+    columns and scale ``scale`` (random Fourier features; Tancik et al. 2020, "Fourier features let
+    networks learn high frequency functions in low dimensional domains").
+
+    Sharp targets on low-dimensional data (the checkerboard's edges) need high spatial frequencies
+    that an MLP on raw coordinates learns slowly. ``B`` is drawn from its own seeded generator, so two
+    models built with the same settings have the same features whatever the global RNG state, and
+    it is saved with the weights (a buffer, persistent when there are features). ``num_features = 0`` gives ``x`` alone.
+    """
+
+    def __init__(self, dim: int, num_features: int = 0, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        if num_features < 0 or not scale > 0:
+            raise ValueError(f"need num_features >= 0 and scale > 0; got {num_features}, {scale}")
+        g = torch.Generator().manual_seed(seed)
+        proj = 2 * math.pi * scale * torch.randn(dim, num_features, generator=g)
+        self.register_buffer("proj", proj, persistent=num_features > 0)
+        self.dim = dim + 2 * num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.proj.shape[1] == 0:
+            return x
+        angles = x @ self.proj.to(x.dtype)
+        return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def tangent(self, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """``d/de forward(x + e dx)``: ``[dx, cos(xB) (dx B), -sin(xB) (dx B)]``."""
+        if self.proj.shape[1] == 0:
+            return dx
+        proj = self.proj.to(x.dtype)
+        angles, dangles = x @ proj, dx @ proj
+        return torch.cat([dx, torch.cos(angles) * dangles, -torch.sin(angles) * dangles], dim=-1)

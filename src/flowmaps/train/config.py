@@ -34,6 +34,8 @@ class ModelConfig:
     depth: int = 3
     num_freqs: int = 0
     max_freq: float = 8.0
+    x_features: int = 0  # random Fourier features of x (nets.embeddings.FourierInputFeatures)
+    x_scale: float = 1.0
 
 
 @dataclass
@@ -117,10 +119,10 @@ _CHOICES = {
     "guard.on_divergence": ("rollback", "stop"),
     "distributed.backend": ("auto", "gloo", "nccl"),
 }
-_POSITIVE = {"model.width", "model.depth", "model.max_freq", "optim.lr", "train.steps",
+_POSITIVE = {"model.width", "model.depth", "model.max_freq", "model.x_scale", "optim.lr", "train.steps",
              "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps",
              "train.grad_accum", "checkpoint.keep_last", "guard.max_strikes"}
-_NON_NEGATIVE = {"model.num_freqs", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
+_NON_NEGATIVE = {"model.num_freqs", "model.x_features", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
                  "checkpoint.every", "guard.max_rollbacks", "distributed.check_steps"}
 _UNIT = {"optim.beta1", "optim.beta2", "optim.ema_decay"}
 _SECTIONS = ("data", "model", "optim", "train", "checkpoint", "guard", "distributed", "eval")

@@ -147,7 +147,7 @@ class Trainer:
         network = self.replay_model
         if cfg.train.compile:
             rtol = 1e-4 if cfg.train.precision == "fp32" else 3e-2
-            network = compile_model(network, self.data.dim, device, getattr(self.method, "jvp_backend", "func"), rtol)
+            network = compile_model(network, self.data.dim, device, getattr(self.method, "jvp_backend", "auto"), rtol)
         self.train_model = dist_ctx.wrap(network)  # what the method calls
         self.batches = ShardedBatches(self.data, cfg.train.batch_size, cfg.train.grad_accum, dist_ctx, cfg.train.seed)
         self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
