@@ -220,3 +220,26 @@ def test_ect_starts_from_the_benchmarks_own_fm_run(tmp_path):
     assert str(tmp_path / "runs" / "8gaussians" / "fm" / "seed0") in saved
     alone = run_bench(cfg.replace(methods=["ect"]), tmp_path / "alone", log=lambda _: None)
     assert any("ect on 8gaussians: skipped" in n and "include fm" in n for n in alone.notes)
+
+
+class _FlakyOnce(_Broken):
+    """Flow matching whose loss is NaN at step 2: the divergence guard skips that step."""
+
+    name = "bench_test_flaky"
+
+    def loss(self, model, batch, generator, ctx=None):
+        t = torch.rand(batch.x0.shape[0], generator=generator)
+        eps = torch.randn(batch.x0.shape, generator=generator)
+        x = self.schedule.sample_xt(batch.x0, eps, t)
+        loss = (model(x, t, t, output="V", check_times=False) - (eps - batch.x0)).pow(2).mean()
+        return LossOutput(loss * float("nan") if ctx is not None and ctx.step == 2 else loss)
+
+
+def test_guard_events_are_counted_per_run(monkeypatch, tmp_path):
+    """Steps the divergence guard skipped are reported per run (0 for healthy runs)."""
+    monkeypatch.setitem(registry._REGISTRY, _FlakyOnce.name, _FlakyOnce)
+    cfg = BenchConfig(datasets=["8gaussians"], **{**TINY, "seeds": [0], "steps": 5, "methods": ["fm", _FlakyOnce.name]})
+    result = run_bench(cfg, tmp_path, log=lambda _: None)
+    skipped = {r.method: r.value for r in result.rows if r.metric == "nonfinite_steps"}
+    assert skipped == {"fm": 0.0, _FlakyOnce.name: 1.0}
+    assert "non-finite steps skipped" in write_report(result, tmp_path)

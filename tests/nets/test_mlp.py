@@ -1,5 +1,6 @@
 """Gradients through a JVP tangent must match finite differences in the parameters."""
 
+import pytest
 import torch
 from torch.func import jvp
 
@@ -36,3 +37,18 @@ def test_gradient_through_tangent_matches_finite_differences():
     loss().backward()
     for name, p in model.named_parameters():
         assert abs(p.grad.view(-1)[0].item() - _fd_grad(p, loss)) < 1e-5 * max(1.0, abs(p.grad.view(-1)[0].item())), name
+
+
+def test_silu_with_tangent_gradients_and_first_order_only():
+    """The fused SiLU-with-tangent node has the exact first derivatives (``gradcheck``) and refuses to
+    be differentiated twice rather than return wrong second derivatives."""
+    from flowmaps.nets.mlp import SiLUWithTangent
+
+    z = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    dz = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiLUWithTangent.apply, (z, dz))
+    out, tangent = SiLUWithTangent.apply(z, dz)
+    assert torch.allclose(out, torch.nn.functional.silu(z))
+    (g,) = torch.autograd.grad((tangent**2).sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -125,6 +125,8 @@ PER_METHOD_COLUMNS = (
     ("composition_error", "composition error (s > u > t)"),
     ("composition_error_noise_to_data", "composition error (1 > u > 0)"),
     ("train_seconds", "training seconds"),
+    ("nonfinite_steps", "non-finite steps skipped"),
+    ("rollbacks", "rollbacks"),
 )
 
 

@@ -56,6 +56,7 @@ from flowmaps.methods import get_method_class, method_names
 from flowmaps.oracle import ExactAverageVelocity
 from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode
 from flowmaps.schedules import Schedule, get_schedule
+from flowmaps.train.loop import LOG_FILE
 
 FLOOR = "exact samples (floor)"
 FLOW_MAP = "flow map"
@@ -209,8 +210,7 @@ _CONTEXTS: dict[tuple[str, str, int], SeedContext] = {}
 
 def _cached_context(cfg: BenchConfig, dataset: str, seed: int) -> SeedContext:
     key = (json.dumps(cfg.to_dict(), sort_keys=True), dataset, seed)
-    if key not in _CONTEXTS:
-        _CONTEXTS.clear()  # one (dataset, seed) at a time is enough: tasks arrive grouped
+    if key not in _CONTEXTS:  # small (the reference and noise sets): kept for the whole process
         _CONTEXTS[key] = seed_context(cfg, dataset, seed)
     return _CONTEXTS[key]
 
@@ -236,6 +236,7 @@ def run_method(cfg: BenchConfig, dataset: str, method: str, seed: int, out_dir: 
     settings = _measurement_settings(cfg)
     finished = _load_outcome(run_dir, settings)
     if finished is not None:
+        finished.rows += _stability_rows(run_dir, get_data(dataset).name, method, seed)
         return finished
     ctx = _cached_context(cfg, dataset, seed)
     device = torch.device(cfg.device)
@@ -267,11 +268,27 @@ def run_method(cfg: BenchConfig, dataset: str, method: str, seed: int, out_dir: 
             measure.scalar(method, FLOW_MAP, "composition_error_noise_to_data", comp["relative_noise_to_data"])
         outcome.panels = panels
         _save_outcome(run_dir, settings, outcome)
+        outcome.rows += _stability_rows(run_dir, ctx.data.name, method, seed)
     except Exception as err:  # noqa: BLE001 - one broken method must not stop the benchmark
         last = traceback.extract_tb(err.__traceback__)[-1]
         outcome.notes.append(f"{method} on {ctx.data.name} (seed {seed}): failed with {type(err).__name__}: "
                              f"{err} [{Path(last.filename).name}:{last.lineno}]")
     return outcome
+
+
+def _stability_rows(run_dir: Path, dataset: str, method: str, seed: int) -> list[Row]:
+    """How often the divergence guard acted during the run (``train_log.jsonl`` events): steps skipped
+    for a non-finite loss or gradient, and rollbacks to a checkpoint. Read from the log each time, so
+    reused runs report them too."""
+    counts = {"nonfinite": 0, "rollback": 0}
+    log_file = run_dir / LOG_FILE
+    if log_file.is_file():
+        for line in log_file.read_text().splitlines():
+            event = json.loads(line).get("event") if '"event"' in line else None
+            if event in counts:
+                counts[event] += 1
+    return [Row(dataset, method, TRAINING, None, seed, "nonfinite_steps", float(counts["nonfinite"])),
+            Row(dataset, method, TRAINING, None, seed, "rollbacks", float(counts["rollback"]))]
 
 
 def _teacher_of(cls: type, run_dir: Path) -> str:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from flowmaps.nets.embeddings import FourierInputFeatures, FourierTimeEmbedding
 
@@ -15,23 +16,27 @@ class SiLUWithTangent(torch.autograd.Function):
     """``(z, dz) -> (silu(z), silu'(z) dz)`` as one autograd node, with
     ``silu'(z) = sig (1 + z (1 - sig))`` and ``silu''(z) = sig (1 - sig) (2 + z (1 - 2 sig))``, ``sig = sigmoid(z)``.
 
-    The backward maps ``(g, g_d)`` to ``(g silu'(z) + g_d dz silu''(z), g_d silu'(z))``. It is written in
-    differentiable torch operations, so higher derivatives still work; one node instead of seven
-    element-wise ones saves about a tenth of a JVP-through-the-network training step on CPU.
+    The backward maps ``(g, g_d)`` to ``(g silu'(z) + g_d dz silu''(z), g_d silu'(z))``; it is
+    first-order only (``once_differentiable``: differentiating it again raises instead of silently
+    treating the saved activations as constants). One node with 13 element-wise operations instead
+    of 19 separate autograd ones saves a few percent of a JVP-through-the-network step on CPU.
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sig = torch.sigmoid(z)
-        slope = sig * (1 + z * (1 - sig))
-        ctx.save_for_backward(z, dz, sig, slope)
-        return z * sig, dz * slope
+        out = z * sig
+        one_minus = 1 - sig
+        slope = torch.addcmul(sig, out, one_minus)  # sig + z sig (1 - sig)
+        ctx.save_for_backward(z, dz, sig, one_minus, out, slope)
+        return out, dz * slope
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor, grad_tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, dz, sig, slope = ctx.saved_tensors
-        curvature = sig * (1 - sig) * (2 + z * (1 - 2 * sig))
-        return grad * slope + grad_tangent * dz * curvature, grad_tangent * slope
+        z, dz, sig, one_minus, out, slope = ctx.saved_tensors
+        curvature = (sig * one_minus) * (torch.add(z, out, alpha=-2) + 2)  # sig (1 - sig) (2 + z (1 - 2 sig))
+        return torch.addcmul(grad * slope, grad_tangent * dz, curvature), grad_tangent * slope
 
 
 class MLP(nn.Module):
@@ -158,9 +163,11 @@ class MLP(nn.Module):
             if isinstance(layer, nn.Linear):
                 with torch.no_grad():
                     tangent = tangent @ layer.weight.T
+                primal = layer(primal)
             else:  # SiLU, the only other layer
+                out = layer(primal)
                 with torch.no_grad():
                     sig = torch.sigmoid(primal)
-                    tangent = tangent * (sig * (1 + primal * (1 - sig)))
-            primal = layer(primal)
+                    tangent = tangent * torch.addcmul(sig, out, 1 - sig)  # silu'(z) = sig + silu(z) (1 - sig)
+                primal = out
         return primal, tangent
