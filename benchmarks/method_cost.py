@@ -15,12 +15,14 @@ allocated before them; on the CPU (Linux), the peak resident set size of a fresh
 is approximate to a few MB.
 
     python benchmarks/method_cost.py                    # all methods, CPU, one thread
+    python benchmarks/method_cost.py --compare-backend func   # plus each JVP method with torch.func.jvp
     python benchmarks/method_cost.py --methods fm lsd meanflow --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -32,21 +34,29 @@ from typing import Optional
 import torch
 
 from flowmaps.flow_map import FlowMap
+from flowmaps.jvp import JVP_BACKENDS
 from flowmaps.methods import Batch, LossContext, build_method, describe_methods, get_method_class, method_names
 from flowmaps.nets import MLP
 from flowmaps.schedules import LinearSchedule
 from flowmaps.teachers import FlowMapTeacher
 
 
-def make_setup(name: str, args: argparse.Namespace, device: torch.device):
-    """The method, a fresh student (same initial weights for every method), its optimiser and a batch."""
+def takes_jvp_backend(name: str) -> bool:
+    """Whether the method computes JVPs through the engine (its class has a ``jvp_backend`` option)."""
+    return "jvp_backend" in inspect.signature(get_method_class(name).__init__).parameters
+
+
+def make_setup(name: str, args: argparse.Namespace, device: torch.device, backend: Optional[str] = None):
+    """The method (with ``jvp_backend=backend`` if given), a fresh student (same initial weights for
+    every method), its optimiser and a batch."""
     torch.manual_seed(0)
     model = FlowMap(MLP(args.dim, args.width, args.depth)).to(device)
     teacher = None
     if get_method_class(name).needs_teacher:
         torch.manual_seed(1)
         teacher = FlowMapTeacher(FlowMap(MLP(args.dim, args.width, args.depth)).to(device))
-    method = build_method(name, LinearSchedule(), teacher=teacher)
+    options = {"jvp_backend": backend} if backend is not None else {}
+    method = build_method(name, LinearSchedule(), teacher=teacher, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
     batch = Batch(torch.randn(args.batch, args.dim, generator=g, device=device))
@@ -65,13 +75,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_methods(names: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
-    """Median seconds per iteration of each method (round-robin over ``args.repeats`` rounds)."""
+def time_methods(
+    variants: dict[str, tuple[str, Optional[str]]], args: argparse.Namespace, device: torch.device
+) -> dict[str, dict]:
+    """Median seconds per iteration of each ``label -> (method, jvp backend or None)`` variant,
+    timed round-robin over ``args.repeats`` rounds."""
     setups, results = {}, {}
     total = args.repeats * args.iters + args.warmup
-    for name in names:
+    for name, (method_name, backend) in variants.items():
         try:
-            setups[name] = make_setup(name, args, device)
+            setups[name] = make_setup(method_name, args, device, backend)
             for i in range(args.warmup):
                 iteration(*setups[name], i, total)
             results[name] = {"times": []}
@@ -128,25 +141,31 @@ def memory_in_fresh_process(name: str, args: argparse.Namespace) -> Optional[flo
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-def table(results: dict[str, dict], memory: dict[str, Optional[float]]) -> str:
+def table(results: dict[str, dict], memory: dict[str, Optional[float]], compare: Optional[str]) -> str:
     rows = {r["name"]: r for r in describe_methods()}
     ref_t = results.get("fm", {}).get("median_s")
     ref_m = memory.get("fm")
+    extra = f" | time / fm with `{compare}`" if compare else ""
     lines = ["| method | rule | setting | cost (FPE, spec) | spec cost / 3 | ms / iteration | time / fm "
-             "| peak memory (MB) | memory / fm |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, res in results.items():
+             f"| peak memory (MB) | memory / fm{extra} |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if compare else "")]
+    for name in rows:
+        res = results.get(name)
+        if res is None:
+            continue
         info = rows[name]
         head = f"| {name} | {info['rule']} | {info['setting']} | {info['cost']} | {info['cost'] / 3:.2f} "
         if "error" in res:
-            lines.append(head + f"| failed: {res['error'][:80]} | | | |")
+            lines.append(head + f"| failed: {res['error'][:80]} | | | |" + (" |" if compare else ""))
             continue
         t = res["median_s"]
         m = memory.get(name)
         ratio_t = f"{t / ref_t:.2f}" if ref_t else ""
         mem = f"{m:.0f}" if m is not None else "n/a"
         ratio_m = f"{m / ref_m:.2f}" if m is not None and ref_m else ""
-        lines.append(head + f"| {1000 * t:.1f} | {ratio_t} | {mem} | {ratio_m} |")
+        other = results.get(f"{name} [{compare}]", {}).get("median_s") if compare else None
+        tail = (f" | {other / ref_t:.2f}" if other and ref_t else " | ") if compare else ""
+        lines.append(head + f"| {1000 * t:.1f} | {ratio_t} | {mem} | {ratio_m}{tail} |")
     return "\n".join(lines)
 
 
@@ -163,6 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--compare-backend", choices=[b for b in JVP_BACKENDS if b != "auto"],
+                        help="also time every JVP method with this jvp_backend, in the same rounds (extra column)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one method's CPU peak memory
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -176,7 +197,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown method(s) {unknown}; registered: {method_names()}")
     if "fm" not in names:
         names = ["fm"] + names
-    results = time_methods(names, args, device)
+    variants: dict[str, tuple[str, Optional[str]]] = {name: (name, None) for name in names}
+    if args.compare_backend:
+        variants.update({f"{name} [{args.compare_backend}]": (name, args.compare_backend)
+                         for name in names if takes_jvp_backend(name)})
+    results = time_methods(variants, args, device)
     memory: dict[str, Optional[float]] = {}
     if not args.no_memory:
         for name in names:
@@ -186,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
           f"{args.threads} thread(s); MLP {args.width} x {args.depth}, batch {args.batch} x {args.dim}; "
           f"median of {args.repeats} rounds x {args.iters} iterations")
-    print(table(results, memory))
+    print(table(results, memory, args.compare_backend))
     return 0
 
 
