@@ -107,7 +107,9 @@ def main() -> None:
             group["lr"] = cfg.optim.lr * factor
         batch_size = args.late_batch if args.late_batch and progress >= args.late_fraction else cfg.train.batch_size
         batch = Batch(data.sample(batch_size, generator))
-        loss = method.loss(model, batch, generator, LossContext(step, 0, ema.model))
+        # curricula see the elapsed share of the budget: the step count the budget would reach at this pace
+        total_steps = max(step + 1, round(step / progress)) if progress > 0 else 10**9
+        loss = method.loss(model, batch, generator, LossContext(step, total_steps, ema.model))
         if not torch.isfinite(loss.loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
         optimizer.zero_grad(set_to_none=True)
