@@ -172,19 +172,13 @@ def test_ddp_gives_the_same_gradients_and_synchronises_every_parameter(tmp_path)
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from tests.ddp_hooks import count_reduced_gradients
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = _network()
         ddp = DDP(_network())
-        reduced: list[int] = []
-
-        def hook(state, bucket):
-            reduced.append(len(bucket.gradients()))
-            future = torch.futures.Future()
-            future.set_result(bucket.buffer())
-            return future
-
-        ddp.register_comm_hook(None, hook)
+        reduced = count_reduced_gradients(ddp)
         x, s, t, v = _inputs()
         n_params = len(list(model.parameters()))
         for backend in JVP_BACKENDS:

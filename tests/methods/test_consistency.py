@@ -353,6 +353,8 @@ def test_ctm_frozen_map_under_ddp_reduces_every_gradient_once(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from tests.ddp_hooks import count_reduced_gradients
+
     from flowmaps.methods.consistency import _through_frozen_weights
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -361,15 +363,7 @@ def test_ctm_frozen_map_under_ddp_reduces_every_gradient_once(tmp_path):
         plain = FlowMap(MLP(2, width=16, depth=2)).double()
         torch.manual_seed(0)
         ddp = DDP(FlowMap(MLP(2, width=16, depth=2)).double())
-        reduced: list[int] = []
-
-        def hook(state, bucket):
-            reduced.append(len(bucket.gradients()))
-            future = torch.futures.Future()
-            future.set_result(bucket.buffer())
-            return future
-
-        ddp.register_comm_hook(None, hook)
+        reduced = count_reduced_gradients(ddp)
         x, s = torch.randn(6, 2, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
         t, target = 0.5 * s, torch.randn(6, 2, dtype=torch.float64)
         grads = []
