@@ -56,7 +56,9 @@ from flowmaps.methods import get_method_class, method_names
 from flowmaps.oracle import ExactAverageVelocity
 from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode
 from flowmaps.schedules import Schedule, get_schedule
-from flowmaps.train.loop import LOG_FILE
+from flowmaps.runs import load
+from flowmaps.train.config import config_from_dict
+from flowmaps.train.loop import LOG_FILE, train
 
 FLOOR = "exact samples (floor)"
 FLOW_MAP = "flow map"
@@ -228,10 +230,6 @@ def run_method(cfg: BenchConfig, dataset: str, method: str, seed: int, out_dir: 
     """Train ``method`` on ``dataset`` with ``seed`` under the shared budget and measure its EMA model:
     its multistep sampler at every NFE, the ODE baseline (``fm``, or all with ``ode_scope="all"``), the
     flow-map error (mixtures) and the compositional-rule residual (two-time maps)."""
-    from flowmaps.runs import load
-    from flowmaps.train.config import config_from_dict
-    from flowmaps.train.loop import train
-
     run_dir = Path(out_dir) / "runs" / Path(get_data(dataset).name).stem / method / f"seed{seed}"
     settings = _measurement_settings(cfg)
     finished = _load_outcome(run_dir, settings)
