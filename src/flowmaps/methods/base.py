@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from flowmaps.schedules import Schedule
+from flowmaps.teachers import EMATarget
 
 
 @dataclass
@@ -95,3 +96,28 @@ class Method(ABC):
 def mean_square(residual: torch.Tensor) -> torch.Tensor:
     """Per-example mean of squared residual entries: ``[B, ...] -> [B]``."""
     return residual.pow(2).reshape(residual.shape[0], -1).mean(dim=1)
+
+
+class EMATargetState:
+    """Mixin (listed before the ``Method`` base) for methods whose stop-gradient target is their own
+    EMA of the online weights (``flowmaps.teachers.EMATarget``; decay 0: the online weights under
+    stop-gradient, no state). The averaged weights are training state: ``state_dict`` returns them,
+    so checkpoints and resumed runs carry them."""
+
+    target: Optional[EMATarget]
+
+    def init_target(self, decay: float) -> None:
+        """Validate ``decay`` (``target_ema_decay``) and create the target (``None`` at decay 0)."""
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"target_ema_decay of method {self.name!r} must lie in [0, 1) (0: the online weights "
+                             f"under stop-gradient); got {decay}")
+        self.target = EMATarget(decay) if decay > 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict()} if self.target is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.target is not None:
+            self.target.load_state_dict(state.get("target", {}))
+        else:
+            super().load_state_dict(state)

@@ -33,11 +33,10 @@ import torch
 from torch import nn
 
 from flowmaps.jvp import check_backend, flow_jvp
-from flowmaps.methods.base import Batch, LossContext, LossOutput, Method, mean_square
+from flowmaps.methods.base import Batch, EMATargetState, LossContext, LossOutput, Method, mean_square
 from flowmaps.methods.diagonal import diagonal_residual
 from flowmaps.methods.registry import register
 from flowmaps.schedules import Schedule
-from flowmaps.teachers import EMATarget
 from flowmaps.time_args import expand_like
 from flowmaps.time_pairs import TimePairSampler
 from flowmaps.weighting import PENALTIES, adaptive_weight, penalty, squared_norm
@@ -99,7 +98,7 @@ def teacher_step(
         return x + gap * 0.5 * (v + teacher.velocity(euler, r, cond))
 
 
-class _EMATargetMethod(Method):
+class _EMATargetMethod(EMATargetState, Method):
     """A method whose stop-gradient target uses its own EMA of the online weights (decay 0: none).
 
     ``theta^- <- d theta^- + (1 - d) sg[theta]`` at the start of every loss call
@@ -109,20 +108,8 @@ class _EMATargetMethod(Method):
 
     def __init__(self, schedule: Schedule, target_ema_decay: float):
         super().__init__(schedule)
-        if not 0.0 <= target_ema_decay < 1.0:
-            raise ValueError(f"target_ema_decay of method {self.name!r} must lie in [0, 1) (0: the online weights "
-                             f"under stop-gradient); got {target_ema_decay}")
+        self.init_target(target_ema_decay)
         self.target_ema_decay = target_ema_decay
-        self.target = EMATarget(target_ema_decay) if target_ema_decay > 0 else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target.state_dict()} if self.target is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.target is not None:
-            self.target.load_state_dict(state.get("target", {}))
-        else:
-            super().load_state_dict(state)
 
     def update_target(self, model: nn.Module, decay: float) -> None:
         """Move the EMA target towards ``model`` with rate ``decay`` (nothing for an online target)."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.jvp import check_backend, flow_jvp
-from flowmaps.methods.base import Batch, LossContext, LossOutput, Method
+from flowmaps.methods.base import Batch, EMATargetState, LossContext, LossOutput, Method
 from flowmaps.methods.diagonal import diagonal_residual
 from flowmaps.methods.registry import register
 from flowmaps.methods.two_time import (
@@ -38,7 +38,6 @@ from flowmaps.methods.two_time import (
 )
 from flowmaps.nets import MLP
 from flowmaps.schedules import Schedule
-from flowmaps.teachers import EMATarget
 from flowmaps.time_pairs import TimePairSampler
 from flowmaps.weighting import LossTerms, LossWeighting, row_norm, squared_norm
 
@@ -231,7 +230,7 @@ class AYFLMD(SplitBatchMethod):
 
 
 @register
-class TVM(TwoTimeMethod):
+class TVM(EMATargetState, TwoTimeMethod):
     """Terminal velocity matching: ``|V(x_t,t,t) - u|^2 + |d_t F(x_s,s,t) - V_ema(sg[F(x_s,s,t)], t, t)|^2``.
 
     Zhou, Parger, Haque & Song 2025, "Terminal velocity matching" (arXiv 2511.19797; code
@@ -281,18 +280,7 @@ class TVM(TwoTimeMethod):
             adaptive_p=adaptive_p, adaptive_c=adaptive_c, reduction=reduction, time_weight=time_weight,
             jvp_backend=jvp_backend,
         )
-        if not 0 <= target_ema_decay < 1:
-            raise ValueError(f"target_ema_decay of method 'tvm' must lie in [0, 1); got {target_ema_decay}")
-        self.target = EMATarget(target_ema_decay) if target_ema_decay > 0 else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target.state_dict()} if self.target is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.target is not None:
-            self.target.load_state_dict(state.get("target", {}))
-        else:
-            super().load_state_dict(state)
+        self.init_target(target_ema_decay)
 
     def terminal_loss(self, model: nn.Module, draw: Draw, terms: LossTerms) -> None:
         """``|d/dt F(x_s, s, t) - V_target(sg[F], t, t)|^2`` on every row."""
