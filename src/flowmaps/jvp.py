@@ -49,8 +49,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-JVP_BACKENDS = ("func", "forward_ad", "double_backward", "finite_difference", "fused", "auto")
-FN_BACKENDS = ("func", "forward_ad", "double_backward", "finite_difference")
+FN_BACKENDS = ("func", "forward_ad", "double_backward", "finite_difference")  # any function
+JVP_BACKENDS = FN_BACKENDS + ("fused", "auto")  # flow_jvp: also the backbone's own tangent
 GRAD_MODES = ("full", "primal", "none")
 
 TangentLike = Union[float, torch.Tensor]
