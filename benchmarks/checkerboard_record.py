@@ -9,7 +9,10 @@ follows a cosine in elapsed *training* time (``lr = lr_0 (1 + cos(pi * elapsed /
 and training stops when the budget is spent, so the schedule fits whatever share of the CPU the
 run gets. The batch may grow late in training (``--late-batch``, from ``--late-fraction`` of the
 budget on). The loop is ``flowmaps.train.loop.train``'s (method loss, gradient clipping, Adam,
-EMA) with only the schedule made time-based. Every ``--curve-every`` seconds of training the EMA
+EMA) with only the schedule made time-based, plus the guard's loss-spike filter (``--skip-spikes
+K``, ``guard.spike_factor`` of the trainer): a step whose loss exceeds ``K`` times the median of the
+previous 200 accepted losses leaves the weights, optimiser and EMA untouched; the number of skipped
+steps is reported. Every ``--curve-every`` seconds of training the EMA
 weights are saved; after training (outside the budget) each snapshot is scored, which gives the
 curve of KL against training time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``,
 ``samples.png`` and the run directory (``config.yaml``, weights) into ``--out``. The final score also
@@ -25,6 +28,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,8 +40,9 @@ from flowmaps.plots import plot_panels
 from flowmaps.samplers import sample_flow_map, sample_ode
 from flowmaps.schedules import get_schedule
 from flowmaps.train.checkpoint import load_weights, save_weights
-from flowmaps.train.config import apply_override, config_from_dict, read_config_file, save_config
+from flowmaps.train.config import GuardConfig, apply_override, config_from_dict, read_config_file, save_config
 from flowmaps.train.ema import EMA
+from flowmaps.train.guard import DivergenceGuard
 from flowmaps.train.loop import make_optimizer
 
 BOFFI_LSD = {1: 0.086, 8: 0.070}  # Boffi et al. 2025, LSD on the checkerboard (their Table)
@@ -59,7 +64,7 @@ def score(model: torch.nn.Module, seed: int, n: int = N_SAMPLES, ode_steps: int 
     return out
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="flowmaps config (YAML/TOML): data, model, method, optim")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -70,8 +75,12 @@ def main() -> None:
     parser.add_argument("--eval-seed", type=int, default=1234)
     parser.add_argument("--ode-steps", type=int, default=64,
                         help="Heun steps of the diagonal's ODE in the final score (0: skip it, e.g. for screening)")
+    parser.add_argument("--skip-spikes", type=float, default=0.0, metavar="K",
+                        help="skip steps whose loss exceeds K x the median of the last 200 (0: off)")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.skip_spikes < 0 or 0 < args.skip_spikes <= 1:
+        parser.error(f"--skip-spikes must be 0 (off) or above 1; got {args.skip_spikes}")
 
     values = read_config_file(args.config)
     for assignment in args.set:
@@ -98,6 +107,8 @@ def main() -> None:
 
     snapshots: list[tuple[int, float, Path]] = []
     elapsed, step, next_snapshot = 0.0, 0, args.curve_every
+    spikes = DivergenceGuard(GuardConfig(spike_factor=args.skip_spikes, spike_window=200))
+    skipped: list[int] = []
     log = (out / "train_log.jsonl").open("w")
     while elapsed < budget:
         tick = time.perf_counter()
@@ -112,16 +123,20 @@ def main() -> None:
         loss = method.loss(model, batch, generator, LossContext(step, total_steps, ema.model))
         if not torch.isfinite(loss.loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
-        ema.update(model)
+        value = float(loss.loss.detach())
+        if spikes.is_spike(value):
+            skipped.append(step)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            ema.update(model)
         step += 1
         elapsed += time.perf_counter() - tick
         if step % 500 == 0:
             log.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 1), "lr": group["lr"], "batch": batch_size,
-                                  "loss": float(loss.loss.detach()), **{k: float(v) for k, v in loss.terms.items()}}) + "\n")
+                                  "loss": value, "skipped_spikes": len(skipped), **{k: float(v) for k, v in loss.terms.items()}}) + "\n")
             log.flush()
         if elapsed >= next_snapshot:
             path = out / "curve" / f"ema_{step:07d}.safetensors"
@@ -131,8 +146,9 @@ def main() -> None:
     log.close()
     save_weights(model, out / runs.WEIGHTS_FILE)
     save_weights(ema.model, out / runs.EMA_WEIGHTS_FILE)
-    wall = {"train_seconds": round(elapsed, 1), "steps": step}
-    print(f"record: trained {step} steps in {elapsed:.0f}s of training time")
+    wall = {"train_seconds": round(elapsed, 1), "steps": step, "skipped_spikes": len(skipped),
+            "skipped_steps": skipped[:100]}
+    print(f"record: trained {step} steps in {elapsed:.0f}s of training time ({len(skipped)} loss spikes skipped)")
 
     final = score(ema.model, args.eval_seed, ode_steps=args.ode_steps)
     floor = metrics.histogram_kl(metrics.checkerboard_bin_probs(50), data.sample(N_SAMPLES, torch.Generator().manual_seed(args.eval_seed)))
@@ -149,6 +165,7 @@ def main() -> None:
         writer.writerows(curve)
     result = {**wall, "floor": floor, **final, "boffi_lsd": BOFFI_LSD, "config": cfg.to_dict(),
               "late_batch": args.late_batch, "late_fraction": args.late_fraction, "minutes": args.minutes,
+              "skip_spikes": args.skip_spikes,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     (out / "record.json").write_text(json.dumps(result, indent=2))
     lines = ["| sampler | NFE | histogram KL (64k samples) | Boffi et al. LSD |", "|---|---|---|---|"]

@@ -1,7 +1,10 @@
 """The scripts under ``benchmarks/`` run and print their tables (tiny sizes; timings are not checked)."""
 
 import importlib.util
+import json
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +25,21 @@ def test_method_cost_times_methods_against_fm_and_compares_backends(capsys):
     assert set(rows) >= {"fm", "lsd", "ct"}
     assert rows["fm"].split("|")[7].strip() == "1.00"  # time / fm of fm itself
     assert rows["lsd"].split("|")[10].strip() != "" and rows["ct"].split("|")[10].strip() == ""  # ct takes no JVP
+
+
+def test_checkerboard_record_trains_scores_and_writes_its_files(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data: {name: checkerboard}\nmethod: {name: lsd, diagonal_target: batch_posterior}\n"
+                      "model: {width: 16, depth: 1}\noptim: {warmup_steps: 2}\ntrain: {batch_size: 64}\n")
+    record = _script("checkerboard_record")
+    record.main(["--config", str(config), "--minutes", "0.03", "--curve-every", "0.6", "--late-batch", "128",
+                 "--ode-steps", "2", "--skip-spikes", "10", "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert result["steps"] > 0 and result["skipped_spikes"] >= 0 and result["skip_spikes"] == 10
+    assert all(0 < result[f"kl_{k}"] < 10 for k in (1, 2, 4, 8, 16)) and 0 < result["floor"] < 0.1
+    assert result["config"]["method"]["diagonal_target"] == "batch_posterior"
+    curve = (tmp_path / "out" / "curve.csv").read_text().splitlines()
+    assert curve[0].startswith("step,train_seconds,kl_1") and len(curve) >= 3  # a snapshot and the final row
+    assert (tmp_path / "out" / "samples.png").is_file() and "histogram KL" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        record.main(["--config", str(config), "--skip-spikes", "0.5", "--out", str(tmp_path / "bad")])

@@ -1,6 +1,6 @@
 """Checks of a method at the exact Gaussian flow map (shared by the Lagrangian and Eulerian tests)."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -9,10 +9,12 @@ from tests.methods.exact_models import exact_model
 
 
 def loss_and_grad(method: Method, model, target, n: int = 4096, seed: int = 0,
-                  ctx: Optional[LossContext] = None):
-    """The method's ``LossOutput`` on ``n`` exact samples and ``dL/d delta`` of the perturbed model."""
-    g = torch.Generator().manual_seed(seed)
-    batch = Batch(target.sample(n, g).double())
+                  ctx: Optional[LossContext] = None, device: Union[str, torch.device] = "cpu"):
+    """The method's ``LossOutput`` on ``n`` exact samples and ``dL/d delta`` of the perturbed model,
+    everything (model, batch, random numbers) on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    model = model.to(device)
+    batch = Batch(target.sample(n, g, device).double())
     out = method.loss(model, batch, g, ctx)
     model.zero_grad()
     out.loss.backward()

@@ -20,14 +20,15 @@ class Faulty(Method):
       loss is NaN and the guard's report must name those times); each such step misbehaves only on its
       first visit (and its replay), not when a rollback trains it again;
     - at ``grad_nan_steps`` a term that is 0 with an infinite derivative is added (finite loss, NaN gradients);
+    - at ``spike_steps`` the loss is multiplied by 1e4 (finite: a loss spike), on the first visit only;
     - at ``sigterm_step`` the process sends itself SIGTERM (once).
     """
 
     def __init__(self, inner: Method, nan_steps: Iterable[int] = (), grad_nan_steps: Iterable[int] = (),
-                 sigterm_step: Optional[int] = None):
+                 sigterm_step: Optional[int] = None, spike_steps: Iterable[int] = ()):
         super().__init__(inner.schedule)
         self.inner, self.name = inner, inner.name
-        self.nan_steps, self.grad_nan_steps = set(nan_steps), set(grad_nan_steps)
+        self.nan_steps, self.grad_nan_steps, self.spike_steps = set(nan_steps), set(grad_nan_steps), set(spike_steps)
         self.sigterm_step = sigterm_step
         self.visited: set[int] = set()
         self.current: Optional[int] = None
@@ -46,6 +47,8 @@ class Faulty(Method):
         if step in self.grad_nan_steps:
             p = next(model.parameters())
             out.loss = out.loss + torch.sqrt((p - p.detach()).pow(2).sum())
+        if step in self.spike_steps and step not in self.visited:
+            out.loss = out.loss * 1e4
         return out
 
 

@@ -1,20 +1,24 @@
-"""The divergence guard: a NaN loss is skipped and explained, then rolled back from or stopped on."""
+"""The divergence guard: a NaN loss or a loss spike is skipped and explained, then rolled back from or stopped on."""
 
 import json
+import shutil
 
 import pytest
 
 from flowmaps.train.checkpoint import CheckpointStore
-from flowmaps.train.config import GuardConfig
+from flowmaps.train.config import ConfigError, GuardConfig
 from flowmaps.train.guard import DivergenceError, DivergenceGuard
 from flowmaps.train.loop import lr_factor, train
 from tests.train import faults
-from tests.train.tiny import tiny_config
+from tests.train.tiny import assert_same_tensors, tiny_config, weights
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 def _events(run_dir, kind):
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [r for r in records if r.get("event") == kind]
+    return [r for r in _records(run_dir) if r.get("event") == kind]
 
 
 def _nan_call(report):
@@ -71,7 +75,7 @@ def test_strikes_roll_back_to_the_last_checkpoint_with_a_lower_learning_rate(tmp
     (rollback,) = _events(tmp_path / "r", "rollback")
     assert rollback["step"] == 11 and rollback["to_step"] == 8 and rollback["lr_scale"] == 0.25
     assert [e["action"] for e in _events(tmp_path / "r", "nonfinite")] == ["skip", "skip", "rollback"]
-    records = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    records = _records(tmp_path / "r")
     at = next(i for i, r in enumerate(records) if r.get("event") == "rollback")
     after = [r for r in records[at:] if "lr" in r]  # the log keeps the undone steps before the rollback event
     assert [r["step"] for r in after] == list(range(8, 16))
@@ -96,3 +100,61 @@ def test_rollback_without_a_checkpoint_stops(tmp_path, monkeypatch):
     cfg = tiny_config(method={"name": "fm"}, train={"steps": 4}, guard={"max_strikes": 1})
     with pytest.raises(DivergenceError, match="no checkpoint to roll back to"):
         train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+
+
+def test_spike_decisions_and_state():
+    guard = DivergenceGuard(GuardConfig(max_strikes=2, spike_factor=10.0, spike_window=3, max_rollbacks=1))
+    assert not any(guard.is_spike(v) for v in (1.0, 500.0, 2.0))  # the window fills first
+    assert guard.is_spike(21.0) and guard.spike() == "skip"  # median 2
+    assert not guard.is_spike(3.0) and guard.spikes_in_a_row == 0  # accepted: ends the run of spikes
+    assert guard.is_spike(100.0) and guard.spike() == "skip" and guard.is_spike(100.0) and guard.spike() == "rollback"
+    restored = DivergenceGuard(GuardConfig(spike_factor=10.0, spike_window=3))
+    restored.load_state_dict(guard.state_dict())
+    assert restored.state_dict() == guard.state_dict() and list(restored.recent) == [500.0, 2.0, 3.0]
+    off = DivergenceGuard(GuardConfig())
+    assert not any(off.is_spike(v) for v in (1.0, 1e9)) and len(off.recent) == 0
+    zero = DivergenceGuard(GuardConfig(spike_factor=2.0, spike_window=2))
+    assert not any(zero.is_spike(v) for v in (0.0, 0.0, 1.0))  # a median of 0 judges nothing
+
+
+def test_loss_spikes_are_skipped_and_a_run_of_them_rolls_back(tmp_path, monkeypatch, caplog):
+    faults.install(monkeypatch, spike_steps={6, 9, 10, 11})
+    cfg = tiny_config(method={"name": "fm"}, train={"steps": 16}, checkpoint={"every": 4},
+                      guard={"spike_factor": 10.0, "spike_window": 4, "max_strikes": 3})
+    train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+    spikes = _events(tmp_path / "r", "spike")
+    assert [(e["step"], e["action"]) for e in spikes] == [(6, "skip"), (9, "skip"), (10, "skip"), (11, "rollback")]
+    assert all(e["loss"] > 10 * e["median_loss"] and "diagonal" in e["terms"] for e in spikes)
+    (rollback,) = _events(tmp_path / "r", "rollback")
+    assert rollback["step"] == 11 and rollback["to_step"] == 8 and rollback["lr_scale"] == 0.5
+    assert "is " in caplog.text and "x the median of the last 4 steps" in caplog.text
+    state = CheckpointStore(tmp_path / "r").load(CheckpointStore(tmp_path / "r").path_for(16)).state
+    assert len(state["guard"]["recent_losses"]) == 4 and state["guard"]["rollbacks"] == 1
+    # step 6 was skipped; 9, 10 and 11 were undone by the rollback to step 8 and trained again
+    assert state["ema_updates"] == 16 - 1
+
+
+def test_spike_factor_is_validated():
+    with pytest.raises(ConfigError, match="guard.spike_factor must be 0 \\(off\\) or above 1"):
+        tiny_config(guard={"spike_factor": 0.5})
+    with pytest.raises(ConfigError, match="guard.spike_window must be positive"):
+        tiny_config(guard={"spike_window": 0})
+
+
+def test_the_window_of_recent_losses_is_training_state(tmp_path, monkeypatch):
+    """Cut at step 16 of 24 and resumed, a run flags the spike at step 18 as the uninterrupted run
+    does (a fresh window would still be filling) and ends bit-identical to it."""
+    faults.install(monkeypatch, spike_steps={18})
+    cfg = tiny_config(method={"name": "fm"}, guard={"spike_factor": 10.0, "spike_window": 4})
+    train(cfg, tmp_path / "full", progress=False, evaluate_at_end=False)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        (tmp_path / "cut" / name).unlink()
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000024")
+    train(cfg, tmp_path / "cut", progress=False, evaluate_at_end=False, resume=True)
+    assert [e["step"] for e in _events(tmp_path / "full", "spike")] == [18]
+    assert [e["step"] for e in _events(tmp_path / "cut", "spike")] == [18]
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        assert_same_tensors(weights(tmp_path / "full" / name), weights(tmp_path / "cut" / name))
+    logged = [[(r["step"], r["loss"]) for r in _records(d) if "event" not in r] for d in (tmp_path / "full", tmp_path / "cut")]
+    assert logged[0] == logged[1] and 18 not in [step for step, _ in logged[0]]

@@ -131,12 +131,14 @@ class ESD(SplitBatchMethod):
         reduction: str = "mean",
         time_weight: str = "none",
         jvp_backend: str = "auto",
+        diagonal_target: str = "conditional",
     ):
         super().__init__(schedule, 
             diagonal_fraction=diagonal_fraction, time_distribution=time_distribution, direction=direction,
             logit_mean=logit_mean, logit_std=logit_std, max_gap_start=max_gap_start, gap_warmup=gap_warmup,
             penalty=penalty, penalty_c=penalty_c, adaptive_p=adaptive_p, adaptive_c=adaptive_c,
-            reduction=reduction, time_weight=time_weight, jvp_backend=jvp_backend)
+            reduction=reduction, time_weight=time_weight, jvp_backend=jvp_backend,
+            diagonal_target=diagonal_target)
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: Optional[LossContext]) -> None:
         x_s, s, t, cond = draw.x_s, draw.s, draw.t, draw.pair.cond

@@ -141,12 +141,14 @@ class LSD(SplitBatchMethod):
         reduction: str = "mean",
         time_weight: str = "none",
         jvp_backend: str = "auto",
+        diagonal_target: str = "conditional",
     ):
         super().__init__(
             schedule, diagonal_fraction=diagonal_fraction, time_distribution=time_distribution,
             direction=direction, logit_mean=logit_mean, logit_std=logit_std, max_gap_start=max_gap_start,
             gap_warmup=gap_warmup, penalty=penalty, penalty_c=penalty_c, adaptive_p=adaptive_p,
             adaptive_c=adaptive_c, reduction=reduction, time_weight=time_weight, jvp_backend=jvp_backend,
+            diagonal_target=diagonal_target,
         )
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: Optional[LossContext]) -> None:
@@ -408,8 +410,9 @@ class FreeFlow(_SourceOneMethod):
 
     - prediction: the average-velocity Lagrangian rule with its whole right-hand side under
       stop-gradient, ``|V(eps, 1, t) - sg[v_T(F(eps, 1, t), t) - (t - 1) d/dt V(eps, 1, t)]|^2``; the
-      derivative comes from the JVP engine without gradient, by default its float64 central finite
-      difference (``jvp_backend``);
+      derivative comes from the JVP engine without gradient (``jvp_backend``, by default ``auto``: the
+      exact closed-form tangent where the backbone has one; the paper's finite difference is
+      ``finite_difference``, float64 central, and costs two more forward passes);
     - correction: an auxiliary flow-matching network ``v_aux`` (its own Adam optimiser, ``aux_steps``
       updates per iteration, its gradients averaged over processes under ``torchrun``) learns the
       velocity of the student's one-step samples
@@ -449,7 +452,7 @@ class FreeFlow(_SourceOneMethod):
         adaptive_p: float = 0.0,
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
-        jvp_backend: str = "finite_difference",
+        jvp_backend: str = "auto",
     ):
         check_backend(jvp_backend, "jvp_backend of method 'freeflow'")
         if not correction_weight >= 0:

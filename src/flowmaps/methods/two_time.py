@@ -16,7 +16,9 @@ Options shared by every two-time method (constructor keywords, validated by name
   ``adaptive_c``, ``reduction`` (``mean`` | ``sum``), ``time_weight`` (``none`` | ``gap``), see
   ``flowmaps.weighting``;
 - ``jvp_backend`` (``func`` | ``forward_ad`` | ``double_backward`` | ``finite_difference``), see
-  ``flowmaps.jvp``.
+  ``flowmaps.jvp``;
+- ``diagonal_target`` of the self-distillation methods without a teacher (``conditional`` |
+  ``batch_posterior``), see ``flowmaps.posterior_targets``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 
 from flowmaps.jvp import check_backend
 from flowmaps.methods.base import Batch, LossContext, LossOutput, Method
+from flowmaps.posterior_targets import check_diagonal_target, diagonal_velocity_target
 from flowmaps.schedules import Schedule
 from flowmaps.time_pairs import TimePairSampler, progress_of
 from flowmaps.weighting import LossTerms, LossWeighting, squared_norm
@@ -68,7 +71,9 @@ class TwoTimeMethod(Method):
     """Base class: draws, the diagonal term and the weighting; subclasses add the rule's term.
 
     Teacher methods pass ``teacher``; their diagonal rows (if any) regress ``V(x_t, t, t)`` on the
-    teacher velocity ``v_T(x_t, t)``, the others on the conditional velocity ``alpha' x_0 + sigma' eps``.
+    teacher velocity ``v_T(x_t, t)``, the others on the conditional velocity ``alpha' x_0 + sigma' eps``
+    (``diagonal_target="conditional"``) or on the velocity of the batch's empirical distribution
+    (``"batch_posterior"``, a lower-variance target; ``flowmaps.posterior_targets``).
     """
 
     def __init__(
@@ -92,9 +97,11 @@ class TwoTimeMethod(Method):
         teacher: Optional[Any] = None,
         gap_logit_mean: float = -0.8,
         gap_logit_std: float = 1.0,
+        diagonal_target: str = "conditional",
     ):
         super().__init__(schedule)
         check_backend(jvp_backend, f"jvp_backend of method {self.name!r}")
+        self.diagonal_target_name = check_diagonal_target(diagonal_target, self.name)
         self.pairs = TimePairSampler(
             diagonal_fraction, time_distribution, direction, logit_mean=logit_mean, logit_std=logit_std,
             gap_logit_mean=gap_logit_mean, gap_logit_std=gap_logit_std, max_gap_start=max_gap_start,
@@ -122,19 +129,24 @@ class TwoTimeMethod(Method):
 
     # ----- the diagonal -----------------------------------------------------------------------
     def diagonal_target(self, x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                        cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """The velocity the diagonal ``V(x_t, t, t)`` regresses on (teacher or conditional)."""
+                        cond: Optional[torch.Tensor], references: Batch) -> torch.Tensor:
+        """The velocity the diagonal ``V(x_t, t, t)`` regresses on: the teacher's, the conditional one,
+        or the empirical velocity of ``references`` (the whole batch)."""
         if self.teacher is not None:
             with torch.no_grad():
                 return self.teacher.velocity(x_t, t, cond)
-        return self.schedule.conditional_velocity(x0, eps, t)
+        return diagonal_velocity_target(self.diagonal_target_name, self.schedule, x0, eps, t, cond,
+                                        references.x0, references.cond)
 
     def diagonal_loss(self, model: nn.Module, draw: Draw) -> torch.Tensor:
         """Per-example ``|V(x_t, t, t) - target|^2`` on the diagonal rows (``reduction`` of the method)."""
         d, t = draw.diag, draw.t_diag
         x_t = self.schedule.sample_xt(d.x0, draw.eps_diag, t)
         v = model(x_t, t, t, d.cond, output="V", check_times=False)
-        return squared_norm(v - self.diagonal_target(x_t, d.x0, draw.eps_diag, t, d.cond), self.weighting.reduction)
+        references = Batch(torch.cat([d.x0, draw.pair.x0]),
+                           None if d.cond is None else torch.cat([d.cond, draw.pair.cond]))
+        target = self.diagonal_target(x_t, d.x0, draw.eps_diag, t, d.cond, references)
+        return squared_norm(v - target, self.weighting.reduction)
 
 
 class SplitBatchMethod(TwoTimeMethod):

@@ -77,6 +77,8 @@ class GuardConfig:
     on_divergence: str = "rollback"  # rollback (to the last good checkpoint, lower lr) | stop
     lr_factor: float = 0.5  # learning-rate multiplier applied at each rollback
     max_rollbacks: int = 2  # rollbacks before the guard stops the run with a report
+    spike_factor: float = 0.0  # skip a step whose loss exceeds this x the median of recent losses (0: off; else > 1)
+    spike_window: int = 200  # accepted steps whose losses form that median
 
 
 @dataclass
@@ -121,7 +123,7 @@ _CHOICES = {
 }
 _POSITIVE = {"model.width", "model.depth", "model.max_freq", "model.x_scale", "optim.lr", "train.steps",
              "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps",
-             "train.grad_accum", "checkpoint.keep_last", "guard.max_strikes"}
+             "train.grad_accum", "checkpoint.keep_last", "guard.max_strikes", "guard.spike_window"}
 _NON_NEGATIVE = {"model.num_freqs", "model.x_features", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
                  "checkpoint.every", "guard.max_rollbacks", "distributed.check_steps"}
 _UNIT = {"optim.beta1", "optim.beta2", "optim.ema_decay"}
@@ -173,6 +175,8 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"{full} must lie in [0, 1); got {value!r}")
     if not 0 < cfg.guard.lr_factor <= 1:
         raise ConfigError(f"guard.lr_factor must lie in (0, 1]; got {cfg.guard.lr_factor!r}")
+    if not (cfg.guard.spike_factor == 0 or cfg.guard.spike_factor > 1):
+        raise ConfigError(f"guard.spike_factor must be 0 (off) or above 1; got {cfg.guard.spike_factor!r}")
     if any(n < 1 for n in cfg.eval.nfe):
         raise ConfigError(f"eval.nfe entries must be positive step counts; got {cfg.eval.nfe}")
     if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):

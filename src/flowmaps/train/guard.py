@@ -11,11 +11,21 @@ After ``guard.max_strikes`` strikes since the last checkpoint (or rollback) the 
 ``on_divergence = "rollback"`` restores the last good checkpoint and multiplies the learning rate
 by ``guard.lr_factor`` (at most ``guard.max_rollbacks`` times); otherwise, or when rollbacks are
 used up or no checkpoint exists, the run stops with ``DivergenceError`` and its reports.
+
+Loss spikes (``guard.spike_factor > 0``): a finite step whose loss (the mean over ranks) exceeds
+``spike_factor`` times the median of the last ``guard.spike_window`` accepted losses is also
+skipped. Self-distillation can produce such steps: a row whose jump lands far from the data gets
+a target from where the network has never been trained, the loss of one batch jumps a
+thousandfold, and its clipped gradient is an outsized Adam step. An isolated spike is only skipped;
+``guard.max_strikes`` spikes in a row mean the loss has left its range for good (a spike is judged
+against accepted steps only) and count as a divergence: rollback or stop, as above.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from typing import Any, Sequence
 
 import torch
@@ -46,12 +56,38 @@ class DivergenceGuard:
         self.strikes = 0
         self.rollbacks = 0
         self.lr_scale = 1.0
+        self.recent: deque[float] = deque(maxlen=cfg.spike_window)
+        self.spikes_in_a_row = 0
+
+    def is_spike(self, loss: float) -> bool:
+        """Whether a finite step's ``loss`` is a spike (module docstring); a non-spike is remembered
+        as accepted and ends a run of spikes. Never a spike before ``spike_window`` losses are known, or
+        while their median is 0."""
+        if not self.cfg.spike_factor:
+            return False
+        median = statistics.median(self.recent) if len(self.recent) == self.recent.maxlen else 0.0
+        if median > 0 and loss > self.cfg.spike_factor * median:
+            return True
+        self.recent.append(loss)
+        self.spikes_in_a_row = 0
+        return False
+
+    def spike(self) -> str:
+        """Count a skipped spike: ``"skip"``, or after ``max_strikes`` in a row the divergence decision."""
+        self.spikes_in_a_row += 1
+        if self.spikes_in_a_row < self.cfg.max_strikes:
+            return "skip"
+        self.spikes_in_a_row = 0
+        return self._divergence_action()
 
     def strike(self) -> str:
         """Count a non-finite step and say what to do about it."""
         self.strikes += 1
         if self.strikes < self.cfg.max_strikes:
             return "skip"
+        return self._divergence_action()
+
+    def _divergence_action(self) -> str:
         if self.cfg.on_divergence == "rollback" and self.rollbacks < self.cfg.max_rollbacks:
             return "rollback"
         return "stop"
@@ -67,11 +103,14 @@ class DivergenceGuard:
         self.lr_scale *= self.cfg.lr_factor
 
     def state_dict(self) -> dict[str, Any]:
-        return {"strikes": self.strikes, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale}
+        return {"strikes": self.strikes, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
+                "recent_losses": list(self.recent), "spikes_in_a_row": self.spikes_in_a_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strikes, self.rollbacks = int(state["strikes"]), int(state["rollbacks"])
         self.lr_scale = float(state["lr_scale"])
+        self.recent = deque((float(v) for v in state.get("recent_losses", [])), maxlen=self.cfg.spike_window)
+        self.spikes_in_a_row = int(state.get("spikes_in_a_row", 0))
 
 
 def _rows_bad(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@
 
 A run survives interruptions: checkpoints (``flowmaps.train.checkpoint``) hold everything the
 next steps depend on, so ``train(cfg, out_dir, resume=True)`` continues bit-identically on the CPU;
-SIGTERM/SIGINT write a checkpoint and raise ``TrainingInterrupted``; non-finite steps go to the
-divergence guard (``flowmaps.train.guard``). ``docs/training.md`` is the user's guide.
+SIGTERM/SIGINT write a checkpoint and raise ``TrainingInterrupted``; non-finite steps and loss spikes
+go to the divergence guard (``flowmaps.train.guard``). ``docs/training.md`` is the user's guide.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import signal
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,9 @@ def lr_factor(cfg: Config, step: int) -> float:
 
 @dataclass
 class StepResult:
-    """What one optimiser step did: ``status`` is ``ok``, ``overflow`` (fp16, skipped by the scaler)
-    or ``nonfinite`` (skipped, a strike); the values are this process's, detached."""
+    """What one optimiser step did: ``status`` is ``ok``, ``overflow`` (fp16, skipped by the scaler),
+    ``nonfinite`` (skipped, a strike) or ``spike`` (a loss spike, skipped); the values are this
+    process's, detached."""
 
     status: str
     loss: torch.Tensor
@@ -92,6 +94,7 @@ class StepResult:
     outputs: list[LossOutput]
     stop: bool
     reports: list[dict[str, Any]] = field(default_factory=list)
+    mean_loss: float = math.nan  # over ranks; computed when the spike guard is on
 
 
 class RunLog:
@@ -224,7 +227,8 @@ class Trainer:
         with StopRequest() as stop_request:
             while self.step < total:
                 result = self.train_step(self.step, stop_request.signum is not None)
-                if result.status == "nonfinite" and self._on_nonfinite(result) == "rollback":
+                handler = {"nonfinite": self._on_nonfinite, "spike": self._on_spike}.get(result.status)
+                if handler is not None and handler(result) == "rollback":
                     bar.n = self.step
                     bar.refresh()
                 else:
@@ -242,7 +246,7 @@ class Trainer:
         index, self.step = self.step, self.step + 1
         if result.status == "ok":
             self.interval += torch.stack([result.loss, torch.ones_like(result.loss)])
-        if result.status != "nonfinite" and (index % self.cfg.train.log_every == 0 or self.step == total):
+        if result.status not in ("nonfinite", "spike") and (index % self.cfg.train.log_every == 0 or self.step == total):
             self._log_step(index, result, elapsed)
         every = self.cfg.checkpoint.every
         if every > 0 and (self.step % every == 0 or self.step == total):
@@ -273,6 +277,9 @@ class Trainer:
         fp16 = self.cfg.train.precision == "fp16"
         status = "nonfinite" if loss_bad or (grad_bad and not fp16) else "overflow" if grad_bad else "ok"
         result = StepResult(status, loss, grad_norm, outputs, stop)
+        if status == "ok" and self.cfg.guard.spike_factor:
+            result.mean_loss = float(self.dist.sum(loss.reshape(1))) / self.dist.world_size  # the same on every rank
+            status = result.status = "spike" if self.guard.is_spike(result.mean_loss) else status
         if status == "ok":
             self.scaler.step(self.optimizer)
             self.ema.update(self.model)
@@ -300,12 +307,32 @@ class Trainer:
         action = self.guard.strike()
         record = {"step": step, "event": "nonfinite", "action": action, "strikes": self.guard.strikes,
                   "reports": result.reports}
+        message = (f"{summarize(step, result.reports)} (strike {self.guard.strikes}/{self.cfg.guard.max_strikes}; "
+                   f"{action})")
+        return self._act(record, message, f"{self.guard.strikes} non-finite step(s) since the last checkpoint")
+
+    def _on_spike(self, result: StepResult) -> str:
+        """Log a skipped loss spike and apply the guard's decision; returns it (``skip`` or ``rollback``)."""
+        step, loss = self.step, result.mean_loss
+        median = statistics.median(self.guard.recent)
+        action = self.guard.spike()
+        terms = {k: float(v) for k, v in result.outputs[0].terms.items()}
+        record = {"step": step, "event": "spike", "action": action, "loss": loss, "median_loss": median, "terms": terms}
+        message = (f"step {step}: loss {loss:.4g} is {loss / median:.0f}x the median of the last "
+                   f"{len(self.guard.recent)} steps (terms {terms}); step skipped ({action})")
+        return self._act(record, message, f"{self.cfg.guard.max_strikes} loss spikes in a row")
+
+    def _act(self, record: dict[str, Any], message: str, cause: str) -> str:
+        """Report a skipped step (log, terminal, divergence reports), then carry out ``record["action"]``."""
         self.reports.append(record)
         self.log.write(record)
-        self._warn(f"{summarize(step, result.reports)} (strike {self.guard.strikes}/{self.cfg.guard.max_strikes}; "
-                   f"{action})")
-        if action == "skip":
-            return action
+        self._warn(message)
+        if record["action"] == "skip":
+            return "skip"
+        return self._roll_back_or_stop(record["step"], record["action"], cause)
+
+    def _roll_back_or_stop(self, step: int, action: str, cause: str) -> str:
+        """Restore the last good checkpoint with a lower learning rate, or stop with ``DivergenceError``."""
         loaded = self.store.latest_valid(report=self._warn) if action == "rollback" else None
         if loaded is None:
             if action == "rollback":
@@ -314,7 +341,7 @@ class Trainer:
                 why = "guard.on_divergence=stop"
             else:
                 why = f"rollbacks used up ({self.guard.rollbacks}/{self.cfg.guard.max_rollbacks})"
-            self._diverged(step, why)
+            self._diverged(step, f"{cause}, {why}")
         guard_state = self.guard.state_dict()
         self._restore(loaded)
         self.guard.load_state_dict(guard_state)
@@ -327,9 +354,8 @@ class Trainer:
 
     def _diverged(self, step: int, why: str) -> None:
         existing = self.store.checkpoints()
-        message = (f"training diverged at step {step}: {self.guard.strikes} non-finite step(s) since the last "
-                   f"checkpoint, {why}. Reports: {self.out_dir / DIVERGENCE_FILE}; last checkpoint: "
-                   f"{existing[-1].path if existing else 'none'}")
+        message = (f"training diverged at step {step}: {why}. Reports: {self.out_dir / DIVERGENCE_FILE}; "
+                   f"last checkpoint: {existing[-1].path if existing else 'none'}")
         if self.dist.is_main:
             (self.out_dir / DIVERGENCE_FILE).write_text(json.dumps(self.reports, indent=1))
         self.log.write({"step": step, "event": "stop", "reason": why})
