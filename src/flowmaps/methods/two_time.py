@@ -41,8 +41,10 @@ from flowmaps.weighting import LossTerms, LossWeighting, squared_norm
 @dataclass
 class Draw:
     """One batch's randomness: the diagonal rows (``diag``, times ``t_diag``, noise ``eps_diag``) and
-    the pair rows (``pair``, times ``s`` and ``t``, noise ``eps`` and source points ``x_s``)."""
+    the pair rows (``pair``, times ``s`` and ``t``, noise ``eps`` and source points ``x_s``) of the
+    whole ``batch``."""
 
+    batch: Batch
     size: int
     progress: float
     diag: Batch
@@ -122,7 +124,7 @@ class TwoTimeMethod(Method):
         pair = batch.take(slice(n, None))
         s, t = pairs.s.to(x0.dtype), pairs.t.to(x0.dtype)
         return Draw(
-            size=size, progress=p,
+            batch=batch, size=size, progress=p,
             diag=batch.take(slice(0, n)), t_diag=pairs.t_diag.to(x0.dtype), eps_diag=eps[:n],
             pair=pair, s=s, t=t, eps=eps[n:], x_s=self.schedule.sample_xt(pair.x0, eps[n:], s),
         )
@@ -143,9 +145,7 @@ class TwoTimeMethod(Method):
         d, t = draw.diag, draw.t_diag
         x_t = self.schedule.sample_xt(d.x0, draw.eps_diag, t)
         v = model(x_t, t, t, d.cond, output="V", check_times=False)
-        references = Batch(torch.cat([d.x0, draw.pair.x0]),
-                           None if d.cond is None else torch.cat([d.cond, draw.pair.cond]))
-        target = self.diagonal_target(x_t, d.x0, draw.eps_diag, t, d.cond, references)
+        target = self.diagonal_target(x_t, d.x0, draw.eps_diag, t, d.cond, draw.batch)
         return squared_norm(v - target, self.weighting.reduction)
 
 
