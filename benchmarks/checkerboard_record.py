@@ -12,7 +12,9 @@ budget on). The loop is ``flowmaps.train.loop.train``'s (method loss, gradient c
 EMA) with only the schedule made time-based, plus the guard's loss-spike filter (``--skip-spikes
 K``, ``guard.spike_factor`` of the trainer): a step whose loss exceeds ``K`` times the median of the
 previous 200 accepted losses leaves the weights, optimiser and EMA untouched; the number of skipped
-steps is reported. Every ``--curve-every`` seconds of training the EMA
+steps is reported. A run of ``SPIKE_STREAK`` spikes in a row is a divergence, not a spike (the loss
+has left the median's level for good): training stops there, says so, and the EMA weights of the
+accepted steps are scored (``diverged_at_step`` in ``record.json``). Every ``--curve-every`` seconds of training the EMA
 weights are saved; after training (outside the budget) each snapshot is scored, which gives the
 curve of KL against training time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``,
 ``samples.png`` and the run directory (``config.yaml``, weights) into ``--out``. The final score also
@@ -45,6 +47,7 @@ from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceGuard
 from flowmaps.train.loop import make_optimizer
 
+SPIKE_STREAK = 50  # spikes in a row that end the run as diverged
 BOFFI_LSD = {1: 0.086, 8: 0.070}  # Boffi et al. 2025, LSD on the checkerboard (their Table)
 NFE = (1, 2, 4, 8, 16)
 N_SAMPLES = 65536
@@ -107,8 +110,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     snapshots: list[tuple[int, float, Path]] = []
     elapsed, step, next_snapshot = 0.0, 0, args.curve_every
-    spikes = DivergenceGuard(GuardConfig(spike_factor=args.skip_spikes, spike_window=200))
+    spikes = DivergenceGuard(GuardConfig(spike_factor=args.skip_spikes, spike_window=200, max_strikes=SPIKE_STREAK,
+                                         on_divergence="stop"))
     skipped: list[int] = []
+    diverged_at: Optional[int] = None
     log = (out / "train_log.jsonl").open("w")
     while elapsed < budget:
         tick = time.perf_counter()
@@ -126,6 +131,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         value = float(loss.loss.detach())
         if spikes.is_spike(value):
             skipped.append(step)
+            if spikes.spike() == "stop":
+                diverged_at = step - SPIKE_STREAK + 1
+                print(f"record: diverged at step {diverged_at}: {SPIKE_STREAK} losses in a row above "
+                      f"{args.skip_spikes} x the running median; training stops, the EMA weights are scored")
         else:
             optimizer.zero_grad(set_to_none=True)
             loss.loss.backward()
@@ -143,11 +152,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             save_weights(ema.model, path)
             snapshots.append((step, elapsed, path))
             next_snapshot += args.curve_every
+        if diverged_at is not None:
+            break
     log.close()
     save_weights(model, out / runs.WEIGHTS_FILE)
     save_weights(ema.model, out / runs.EMA_WEIGHTS_FILE)
     wall = {"train_seconds": round(elapsed, 1), "steps": step, "skipped_spikes": len(skipped),
-            "skipped_steps": skipped[:100]}
+            "skipped_steps": skipped[:100], "diverged_at_step": diverged_at}
     print(f"record: trained {step} steps in {elapsed:.0f}s of training time ({len(skipped)} loss spikes skipped)")
 
     final = score(ema.model, args.eval_seed, ode_steps=args.ode_steps)

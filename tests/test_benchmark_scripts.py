@@ -36,6 +36,7 @@ def test_checkerboard_record_trains_scores_and_writes_its_files(tmp_path, capsys
                  "--ode-steps", "2", "--skip-spikes", "10", "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "record.json").read_text())
     assert result["steps"] > 0 and result["skipped_spikes"] >= 0 and result["skip_spikes"] == 10
+    assert result["diverged_at_step"] is None
     assert all(0 < result[f"kl_{k}"] < 10 for k in (1, 2, 4, 8, 16)) and 0 < result["floor"] < 0.1
     assert result["config"]["method"]["diagonal_target"] == "batch_posterior"
     curve = (tmp_path / "out" / "curve.csv").read_text().splitlines()
@@ -43,3 +44,31 @@ def test_checkerboard_record_trains_scores_and_writes_its_files(tmp_path, capsys
     assert (tmp_path / "out" / "samples.png").is_file() and "histogram KL" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         record.main(["--config", str(config), "--skip-spikes", "0.5", "--out", str(tmp_path / "bad")])
+
+
+def test_checkerboard_record_stops_a_run_whose_loss_leaves_the_median_for_good(tmp_path, monkeypatch, capsys):
+    """A permanent level shift of the loss (here x1000 from step 205 on) is a divergence: after
+    ``SPIKE_STREAK`` skipped steps in a row training stops instead of skipping until the budget ends."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data: {name: checkerboard}\nmethod: {name: fm}\nmodel: {width: 8, depth: 1}\n"
+                      "train: {batch_size: 32}\n")
+    record = _script("checkerboard_record")
+    build = record.build_method
+
+    class Exploding:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def loss(self, model, batch, generator, ctx):
+            out = self.inner.loss(model, batch, generator, ctx)
+            if ctx.step >= 205:
+                out.loss = out.loss * 1e3
+            return out
+
+    monkeypatch.setattr(record, "build_method", lambda *a, **k: Exploding(build(*a, **k)))
+    monkeypatch.setattr(record, "SPIKE_STREAK", 4)
+    record.main(["--config", str(config), "--minutes", "2", "--curve-every", "1000", "--ode-steps", "0",
+                 "--skip-spikes", "10", "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert result["diverged_at_step"] == 205 and result["steps"] == 209 and result["skipped_spikes"] == 4
+    assert result["train_seconds"] < 60 and "diverged at step 205" in capsys.readouterr().out

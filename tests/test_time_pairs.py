@@ -24,6 +24,21 @@ def test_uniform_triangle_marginals():
     assert abs(pairs.s.mean().item() - 2 / 3) < 0.01 and abs(pairs.t.mean().item() - 1 / 3) < 0.01
 
 
+def test_uniform_gap_draws_every_jump_length_equally_often():
+    """gap ~ U(0, 1), t | gap ~ U(0, 1 - gap), s = t + gap; the diagonal rows stay uniform."""
+    pairs = TimePairSampler(0.5, "uniform_gap").sample(400_000, _gen(), CPU)
+    gap = pairs.s - pairs.t
+    assert bool((gap >= 0).all()) and bool((pairs.s <= 1).all()) and bool((pairs.t >= 0).all())
+    counts = torch.histc(gap, bins=10, min=0.0, max=1.0) / gap.numel()
+    assert torch.allclose(counts, torch.full((10,), 0.1), atol=0.003)  # the triangle gives 0.19 ... 0.01
+    long = gap > 0.5
+    relative = pairs.t[long] / (1 - gap[long])  # uniform on [0, 1] given the gap
+    assert abs(relative.mean().item() - 0.5) < 0.005 and abs(relative.var().item() - 1 / 12) < 0.002
+    assert abs(pairs.t_diag.mean().item() - 0.5) < 0.005 and abs(pairs.t_diag.var().item() - 1 / 12) < 0.002
+    triangle = TimePairSampler(0.0).sample(400_000, _gen(), CPU)
+    assert ((triangle.s - triangle.t) > 0.9).float().mean().item() < 0.012 < (gap > 0.9).float().mean().item()
+
+
 def test_both_directions_and_logit_normal():
     sampler = TimePairSampler(0.0, distribution="logit_normal", direction="both")
     pairs = sampler.sample(1000, _gen(), CPU)

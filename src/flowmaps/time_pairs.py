@@ -8,7 +8,12 @@ for inversion ``F(x_0, 0, 1)``).
 
 Distributions of a pair:
 
-- ``"uniform"``: uniform on the triangle ``0 <= t <= s <= 1`` (the max and min of two uniforms).
+- ``"uniform"``: uniform on the triangle ``0 <= t <= s <= 1`` (the max and min of two uniforms). Its
+  gap ``s - t`` has density ``2 (1 - gap)``: long jumps are rare (``P(gap > 0.9) = 0.01``), and
+  the one-step jump ``(1, 0)`` sits where the density vanishes.
+- ``"uniform_gap"``: the gap uniform on ``[0, 1]``, then ``t`` uniform on ``[0, 1 - gap]`` and
+  ``s = t + gap`` (density ``1 / (1 - gap)`` on the triangle): every jump length is drawn equally
+  often (``P(gap > 0.9) = 0.1``), for maps meant to be good in one or a few steps.
 - ``"logit_normal"``: two independent draws ``sigmoid(N(m, sd^2))``, ordered (MeanFlow, iMF: the
   max is the source, the min the target). ``logit_mean`` / ``logit_std`` may be pairs ``(first,
   second)`` to give the two draws their own distributions.
@@ -28,7 +33,7 @@ from typing import Sequence, Union
 
 import torch
 
-TIME_DISTRIBUTIONS = ("uniform", "logit_normal", "gap_logit_normal")
+TIME_DISTRIBUTIONS = ("uniform", "uniform_gap", "logit_normal", "gap_logit_normal")
 DIRECTIONS = ("backward", "both")
 
 PairParam = Union[float, Sequence[float]]
@@ -105,8 +110,9 @@ class TimePairSampler:
         return n_diag, batch - n_diag
 
     def times(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """``n`` single times from the configured distribution (its first draw for logit-normals)."""
-        if self.distribution == "uniform":
+        """``n`` single times from the configured distribution (uniform for both uniform pair
+        distributions, the first draw's parameters for the logit-normal ones)."""
+        if self.distribution in ("uniform", "uniform_gap"):
             return torch.rand(n, generator=generator, device=device)
         return logit_normal(n, self.logit_mean[0], self.logit_std[0], generator, device)
 
@@ -123,6 +129,10 @@ class TimePairSampler:
             a = torch.rand(n, generator=generator, device=device)
             b = torch.rand(n, generator=generator, device=device)
             return torch.maximum(a, b), torch.minimum(a, b)
+        if self.distribution == "uniform_gap":
+            gap = torch.rand(n, generator=generator, device=device)
+            t = torch.rand(n, generator=generator, device=device) * (1 - gap)
+            return t + gap, t
         if self.distribution == "logit_normal":
             a = logit_normal(n, self.logit_mean[0], self.logit_std[0], generator, device)
             b = logit_normal(n, self.logit_mean[1], self.logit_std[1], generator, device)

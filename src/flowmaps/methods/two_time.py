@@ -9,7 +9,7 @@ derive from ``TwoTimeMethod`` and implement ``loss``.
 
 Options shared by every two-time method (constructor keywords, validated by name):
 
-- times: ``diagonal_fraction``, ``time_distribution`` (``uniform`` | ``logit_normal`` |
+- times: ``diagonal_fraction``, ``time_distribution`` (``uniform`` | ``uniform_gap`` | ``logit_normal`` |
   ``gap_logit_normal``), ``direction`` (``backward`` | ``both``), ``logit_mean``, ``logit_std``,
   ``max_gap_start`` and ``gap_warmup`` (interval-length curriculum), see ``flowmaps.time_pairs``;
 - weighting: ``penalty`` (``mse`` | ``pseudo_huber`` | ``cauchy``), ``penalty_c``, ``adaptive_p``,
