@@ -14,9 +14,9 @@ K``, ``guard.spike_factor`` of the trainer): a step whose loss exceeds ``K`` tim
 previous 200 accepted losses leaves the weights, optimiser and EMA untouched; the number of skipped
 steps is reported. A run of ``SPIKE_STREAK`` spikes in a row is a divergence, not a spike (the loss
 has left the median's level for good): training stops there, says so, and the EMA weights of the
-accepted steps are scored (``diverged_at_step`` in ``record.json``). Every ``--curve-every`` seconds of training the EMA
-weights are saved; after training (outside the budget) each snapshot is scored, which gives the
-curve of KL against training time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``,
+accepted steps are scored (``diverged_at_step`` in ``record.json``). Every ``--curve-every``
+seconds of training the EMA weights are saved; after training (outside the budget) each snapshot
+is scored, which gives the curve of KL against training time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``,
 ``samples.png`` and the run directory (``config.yaml``, weights) into ``--out``. The final score also
 samples the diagonal's probability-flow ODE (Heun, ``--ode-steps`` steps, 64 by default; 0 skips it,
 which makes short screening runs cheaper).

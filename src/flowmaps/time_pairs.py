@@ -132,7 +132,7 @@ class TimePairSampler:
         if self.distribution == "uniform_gap":
             gap = torch.rand(n, generator=generator, device=device)
             t = torch.rand(n, generator=generator, device=device) * (1 - gap)
-            return t + gap, t
+            return (t + gap).clamp(max=1.0), t  # the clamp only absorbs rounding
         if self.distribution == "logit_normal":
             a = logit_normal(n, self.logit_mean[0], self.logit_std[0], generator, device)
             b = logit_normal(n, self.logit_mean[1], self.logit_std[1], generator, device)
