@@ -30,11 +30,13 @@ def diagonal_residual(
     eps: torch.Tensor,
     t: torch.Tensor,
     cond: Optional[torch.Tensor] = None,
+    target: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``V(x_t, t, t) - (alpha'(t) x_0 + sigma'(t) eps)`` with ``x_t = alpha(t) x_0 + sigma(t) eps``."""
+    """``V(x_t, t, t) - target`` with ``x_t = alpha(t) x_0 + sigma(t) eps``; the target defaults to the
+    conditional velocity ``alpha'(t) x_0 + sigma'(t) eps``."""
     x_t = schedule.sample_xt(x0, eps, t)
     v = model(x_t, t, t, cond, output="V", check_times=False)
-    return v - schedule.conditional_velocity(x0, eps, t)
+    return v - (schedule.conditional_velocity(x0, eps, t) if target is None else target)
 
 
 @register
@@ -60,9 +62,7 @@ class FlowMatching(Method):
         x0 = batch.x0
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.times.times(x0.shape[0], generator, x0.device).to(x0.dtype)
-        x_t = self.schedule.sample_xt(x0, eps, t)
-        v = model(x_t, t, t, batch.cond, output="V", check_times=False)
         target = diagonal_velocity_target(self.diagonal_target_name, self.schedule, x0, eps, t, batch.cond, x0, batch.cond)
-        per_example = mean_square(v - target)
+        per_example = mean_square(diagonal_residual(model, self.schedule, x0, eps, t, batch.cond, target))
         loss = per_example.mean()
         return LossOutput(loss, terms={"diagonal": loss.detach()})
