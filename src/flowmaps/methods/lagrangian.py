@@ -32,6 +32,7 @@ from flowmaps.flow_map import FlowMap
 from flowmaps.jvp import check_backend, flow_jvp
 from flowmaps.methods.base import Batch, EMATargetState, LossContext, LossOutput, Method
 from flowmaps.methods.diagonal import diagonal_residual
+from flowmaps.methods.grid_distillation import GridDistillation
 from flowmaps.methods.registry import register
 from flowmaps.methods.two_time import (
     Draw, SplitBatchMethod, TwoTimeMethod, normalise_tangent, progress, semigradient,
@@ -142,6 +143,12 @@ class LSD(SplitBatchMethod):
         time_weight: str = "none",
         jvp_backend: str = "auto",
         diagonal_target: str = "conditional",
+        grid_fraction: float = 0.0,
+        grid_substeps: int = 8,
+        grid_levels: int = 4,
+        grid_start: float = 0.0,
+        grid_target: str = "ema",
+        grid_weight: float = 1.0,
     ):
         super().__init__(
             schedule, diagonal_fraction=diagonal_fraction, time_distribution=time_distribution,
@@ -150,6 +157,8 @@ class LSD(SplitBatchMethod):
             adaptive_c=adaptive_c, reduction=reduction, time_weight=time_weight, jvp_backend=jvp_backend,
             diagonal_target=diagonal_target,
         )
+        self.grid = GridDistillation(schedule, self.name, grid_fraction, grid_substeps, grid_levels, grid_start,
+                                     grid_target, grid_weight, reduction)
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: Optional[LossContext]) -> None:
         jump, d_jump_dt = _lagrangian_jvp(self, model, draw, grad="full")
@@ -159,6 +168,10 @@ class LSD(SplitBatchMethod):
         terms.add("lagrangian", self.weighting(residual, draw.s, draw.t))
         terms.log("tangent_norm", row_norm(d_jump_dt))
         terms.log("residual_norm", row_norm(residual))
+
+    def extra_loss(self, model: nn.Module, draw: Draw, generator: torch.Generator, terms: LossTerms,
+                   ctx: Optional[LossContext]) -> None:
+        self.grid.add(model, draw.batch, generator, draw.progress, ctx, terms)
 
 
 @register

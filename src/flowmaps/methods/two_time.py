@@ -166,7 +166,12 @@ class SplitBatchMethod(TwoTimeMethod):
             terms.add("diagonal", self.diagonal_loss(model, draw))
         if draw.s.shape[0] > 0:
             self.pair_loss(model, draw, terms, ctx)
+        self.extra_loss(model, draw, generator, terms, ctx)
         return LossOutput(*terms.result())
+
+    def extra_loss(self, model: nn.Module, draw: Draw, generator: torch.Generator, terms: LossTerms,
+                   ctx: Optional[LossContext]) -> None:
+        """Terms on rows of their own beyond the diagonal and pair rows (none by default)."""
 
 
 def normalise_tangent(r: torch.Tensor, c: float) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Grid distillation: the jumps of uniform sampling grids regressed on finer compositions of the map.
+
+A flow map is sampled on uniform grids (``flowmaps.samplers.sample_flow_map``): ``N`` steps use the
+jumps ``((k + 1) / N, k / N)``. By the compositional rule (spec §2) each such jump equals the
+composition of ``K`` equal sub-jumps, and short jumps are the ones a self-distilled map learns
+best (they approach Euler steps of its diagonal), so the composition is a better estimate of the
+jump than the jump itself. The term
+
+    L_grid = E |F(x_s, s, t) - sg[F_K(x_s, s, t)]|^2,
+    F_K = F(., t_{K-1}, t) o ... o F(., s, t_1),  t_i = s + i (t - s) / K,
+
+with ``(s, t)`` a jump of the grid of ``N = 2^L`` steps (``L`` uniform in ``0..levels``, the
+segment ``k`` uniform) and ``x_s = alpha(s) x_0 + sigma(s) eps``, pulls the few-step maps towards
+the many-step composition. It is progressive self-distillation (Boffi et al. 2025's PSD, whose
+midpoint variant is ``K = 2`` with random pairs) on the dyadic grids that shortcut models sample
+with (Frans et al. 2024), with a ``K``-fold target. The target uses the EMA weights when the
+trainer passes them (``target="ema"``) and the online weights otherwise. At the exact map the
+term is zero (the compositional rule).
+
+The rows are extra: ``round(fraction * B)`` examples of the batch's data with fresh noise, on top of
+the method's own rows; the term switches on at ``start`` (a fraction of training), so the early,
+fast-changing phase runs at the method's own cost.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from flowmaps.methods.base import Batch, LossContext
+from flowmaps.schedules import Schedule
+from flowmaps.weighting import LossTerms, squared_norm
+
+GRID_TARGETS = ("ema", "online")
+
+
+def dyadic_jumps(n: int, levels: int, generator: torch.Generator, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` jumps ``(s, t) = ((k + 1) / 2^L, k / 2^L)``: ``L`` uniform in ``0..levels``, ``k`` uniform in ``0..2^L - 1``."""
+    level = torch.randint(0, levels + 1, (n,), generator=generator, device=device)
+    steps = torch.pow(2.0, level.to(dtype))
+    k = torch.floor(torch.rand(n, generator=generator, device=device, dtype=dtype) * steps)
+    return (k + 1) / steps, k / steps
+
+
+def composed_jump(model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, substeps: int,
+                  cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F_K(x, s, t)``: ``substeps`` equal jumps from ``s`` to ``t`` (per-row times)."""
+    for i in range(substeps):
+        x = model(x, s + (t - s) * (i / substeps), s + (t - s) * ((i + 1) / substeps), cond, check_times=False)
+    return x
+
+
+class GridDistillation:
+    """The ``grid`` loss term (module docstring); ``fraction = 0`` turns it off."""
+
+    def __init__(self, schedule: Schedule, method: str, fraction: float = 0.0, substeps: int = 8,
+                 levels: int = 4, start: float = 0.0, target: str = "ema", weight: float = 1.0,
+                 reduction: str = "mean"):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"grid_fraction of method {method!r} must lie in [0, 1]; got {fraction}")
+        if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 2:
+            raise ValueError(f"grid_substeps of method {method!r} must be an integer >= 2; got {substeps!r}")
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
+            raise ValueError(f"grid_levels of method {method!r} must be a non-negative integer; got {levels!r}")
+        if not 0.0 <= start < 1.0:
+            raise ValueError(f"grid_start of method {method!r} must lie in [0, 1) (a fraction of training); got {start}")
+        if not weight > 0:
+            raise ValueError(f"grid_weight of method {method!r} must be positive; got {weight}")
+        if target not in GRID_TARGETS:
+            raise ValueError(f"grid_target of method {method!r} must be one of {GRID_TARGETS}; got {target!r}")
+        self.schedule = schedule
+        self.fraction, self.substeps, self.levels, self.start, self.target = fraction, substeps, levels, start, target
+        self.weight, self.reduction = weight, reduction
+
+    def active(self, progress: float) -> bool:
+        return self.fraction > 0 and progress >= self.start
+
+    def add(self, model: nn.Module, batch: Batch, generator: torch.Generator, progress: float,
+            ctx: Optional[LossContext], terms: LossTerms) -> None:
+        """Add ``|F(x_s, s, t) - sg[F_K(x_s, s, t)]|^2`` on ``round(fraction * B)`` rows to ``terms``."""
+        n = int(round(self.fraction * batch.x0.shape[0]))
+        if n == 0 or not self.active(progress):
+            return
+        rows = batch.take(slice(0, n))
+        x0 = rows.x0
+        s, t = dyadic_jumps(n, self.levels, generator, x0.device, x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_s = self.schedule.sample_xt(x0, eps, s)
+        use_ema = self.target == "ema" and ctx is not None and ctx.ema_model is not None
+        with torch.no_grad():
+            goal = composed_jump(ctx.ema_model if use_ema else model, x_s, s, t, self.substeps, rows.cond)
+        jump = model(x_s, s, t, rows.cond, check_times=False)
+        terms.add("grid", self.weight * squared_norm(jump - goal, self.reduction))
+
+
+__all__ = ["GRID_TARGETS", "GridDistillation", "composed_jump", "dyadic_jumps"]
