@@ -12,9 +12,13 @@ budget on). The loop is ``flowmaps.train.loop.train``'s (method loss, gradient c
 EMA) with only the schedule made time-based, plus the guard's loss-spike filter (``--skip-spikes
 K``, ``guard.spike_factor`` of the trainer): a step whose loss exceeds ``K`` times the median of the
 previous 200 accepted losses leaves the weights, optimiser and EMA untouched; the number of skipped
-steps is reported. A run of ``SPIKE_STREAK`` spikes in a row is a divergence, not a spike (the loss
-has left the median's level for good): training stops there, says so, and the EMA weights of the
-accepted steps are scored (``diverged_at_step`` in ``record.json``). Every ``--curve-every``
+steps is reported. A run of ``SPIKE_STREAK`` spikes in a row means the loss has left the median's
+level, usually because one accepted step moved the weights somewhere bad; refusing every later step
+would freeze them there. So the run rolls back, as the trainer's guard does: the weights, optimiser
+and EMA return to the last healthy snapshot (taken every ``SNAPSHOT_EVERY`` steps, before the update
+of a step whose loss was no spike) and the learning rate is halved from then on (``rollbacks`` in
+``record.json``). Without a snapshot, or after ``MAX_ROLLBACKS`` rollbacks, it is a divergence:
+training stops, says so, and the EMA weights of the accepted steps are scored (``diverged_at_step``). Every ``--curve-every``
 seconds of training the EMA weights are saved; after training (outside the budget) each snapshot
 is scored, which gives the curve of KL against training time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``,
 ``samples.png`` and the run directory (``config.yaml``, weights) into ``--out``. The final score also
@@ -25,6 +29,7 @@ which makes short screening runs cheaper).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -47,7 +52,9 @@ from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceGuard
 from flowmaps.train.loop import make_optimizer
 
-SPIKE_STREAK = 50  # spikes in a row that end the run as diverged
+SPIKE_STREAK = 50  # spikes in a row that roll the run back (or end it as diverged)
+SNAPSHOT_EVERY = 500  # steps between snapshots of healthy weights to roll back to
+MAX_ROLLBACKS = 2
 BOFFI_LSD = {1: 0.086, 8: 0.070}  # Boffi et al. 2025, LSD on the checkerboard (their Table)
 NFE = (1, 2, 4, 8, 16)
 N_SAMPLES = 65536
@@ -111,8 +118,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     snapshots: list[tuple[int, float, Path]] = []
     elapsed, step, next_snapshot = 0.0, 0, args.curve_every
     spikes = DivergenceGuard(GuardConfig(spike_factor=args.skip_spikes, spike_window=200, max_strikes=SPIKE_STREAK,
-                                         on_divergence="stop"))
+                                         on_divergence="rollback", max_rollbacks=MAX_ROLLBACKS, lr_factor=0.5))
+    healthy: Optional[dict] = None
     skipped: list[int] = []
+    rollbacks: list[int] = []
     diverged_at: Optional[int] = None
     log = (out / "train_log.jsonl").open("w")
     while elapsed < budget:
@@ -120,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         progress = elapsed / budget
         factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * factor
+            group["lr"] = cfg.optim.lr * factor * spikes.lr_scale
         batch_size = args.late_batch if args.late_batch and progress >= args.late_fraction else cfg.train.batch_size
         batch = Batch(data.sample(batch_size, generator))
         # curricula see the elapsed share of the budget: the step count the budget would reach at this pace
@@ -131,11 +140,23 @@ def main(argv: Optional[list[str]] = None) -> None:
         value = float(loss.loss.detach())
         if spikes.is_spike(value):
             skipped.append(step)
-            if spikes.spike() == "stop":
+            action = spikes.spike()
+            if action == "rollback" and healthy is not None:
+                model.load_state_dict(healthy["model"])
+                optimizer.load_state_dict(healthy["optimizer"])
+                ema.model.load_state_dict(healthy["ema"])
+                spikes.rolled_back()
+                rollbacks.append(step)
+                print(f"record: {SPIKE_STREAK} losses in a row above {args.skip_spikes} x the running median at "
+                      f"step {step}; rolled back to step {healthy['step']}, learning rate x{spikes.lr_scale:g}")
+            elif action != "skip":
                 diverged_at = step - SPIKE_STREAK + 1
                 print(f"record: diverged at step {diverged_at}: {SPIKE_STREAK} losses in a row above "
                       f"{args.skip_spikes} x the running median; training stops, the EMA weights are scored")
         else:
+            if args.skip_spikes and step > 0 and step % SNAPSHOT_EVERY == 0:
+                healthy = {"step": step, "model": copy.deepcopy(model.state_dict()),
+                           "optimizer": copy.deepcopy(optimizer.state_dict()), "ema": copy.deepcopy(ema.model.state_dict())}
             optimizer.zero_grad(set_to_none=True)
             loss.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
@@ -158,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     save_weights(model, out / runs.WEIGHTS_FILE)
     save_weights(ema.model, out / runs.EMA_WEIGHTS_FILE)
     wall = {"train_seconds": round(elapsed, 1), "steps": step, "skipped_spikes": len(skipped),
-            "skipped_steps": skipped[:100], "diverged_at_step": diverged_at}
+            "skipped_steps": skipped[:100], "rollbacks": rollbacks, "diverged_at_step": diverged_at}
     print(f"record: trained {step} steps in {elapsed:.0f}s of training time ({len(skipped)} loss spikes skipped)")
 
     final = score(ema.model, args.eval_seed, ode_steps=args.ode_steps)

@@ -46,9 +46,9 @@ def test_checkerboard_record_trains_scores_and_writes_its_files(tmp_path, capsys
         record.main(["--config", str(config), "--skip-spikes", "0.5", "--out", str(tmp_path / "bad")])
 
 
-def test_checkerboard_record_stops_a_run_whose_loss_leaves_the_median_for_good(tmp_path, monkeypatch, capsys):
-    """A permanent level shift of the loss (here x1000 from step 205 on) is a divergence: after
-    ``SPIKE_STREAK`` skipped steps in a row training stops instead of skipping until the budget ends."""
+def _exploding_record(tmp_path, monkeypatch, exploding_steps):
+    """The record script on a tiny fm run whose loss is multiplied by 1000 at ``exploding_steps``,
+    with a spike streak of 4."""
     config = tmp_path / "tiny.yaml"
     config.write_text("data: {name: checkerboard}\nmethod: {name: fm}\nmodel: {width: 8, depth: 1}\n"
                       "train: {batch_size: 32}\n")
@@ -61,12 +61,33 @@ def test_checkerboard_record_stops_a_run_whose_loss_leaves_the_median_for_good(t
 
         def loss(self, model, batch, generator, ctx):
             out = self.inner.loss(model, batch, generator, ctx)
-            if ctx.step >= 205:
+            if ctx.step in exploding_steps:
                 out.loss = out.loss * 1e3
             return out
 
     monkeypatch.setattr(record, "build_method", lambda *a, **k: Exploding(build(*a, **k)))
     monkeypatch.setattr(record, "SPIKE_STREAK", 4)
+    return record, config
+
+
+def test_checkerboard_record_rolls_back_when_the_loss_leaves_the_median(tmp_path, monkeypatch, capsys):
+    """Four spikes in a row (steps 305-308) roll the weights back to the snapshot of step 300 and halve
+    the learning rate; training then goes on to the end of its budget."""
+    record, config = _exploding_record(tmp_path, monkeypatch, range(305, 309))
+    monkeypatch.setattr(record, "SNAPSHOT_EVERY", 100)
+    record.main(["--config", str(config), "--minutes", "0.05", "--curve-every", "1000", "--ode-steps", "0",
+                 "--skip-spikes", "10", "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert result["rollbacks"] == [308] and result["diverged_at_step"] is None
+    assert result["skipped_spikes"] == 4 and result["steps"] > 309
+    assert "rolled back to step 300, learning rate x0.5" in capsys.readouterr().out
+
+
+def test_checkerboard_record_stops_a_run_whose_loss_leaves_the_median_for_good(tmp_path, monkeypatch, capsys):
+    """A permanent level shift of the loss (here x1000 from step 205 on, before the first snapshot of
+    healthy weights) is a divergence: after ``SPIKE_STREAK`` skipped steps in a row training stops
+    instead of skipping until the budget ends."""
+    record, config = _exploding_record(tmp_path, monkeypatch, range(205, 10**9))
     record.main(["--config", str(config), "--minutes", "2", "--curve-every", "1000", "--ode-steps", "0",
                  "--skip-spikes", "10", "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "record.json").read_text())
