@@ -1,7 +1,7 @@
 """The checkerboard record: a flow map trained for a fixed wall-clock budget on a CPU, scored with
 Boffi et al.'s metric (KL of the target to a 50 x 50 histogram of 64k samples on [-1, 1]^2).
 
-    OMP_NUM_THREADS=1 python benchmarks/checkerboard_record.py \\
+    OMP_NUM_THREADS=2 python benchmarks/checkerboard_record.py \\
         --config benchmarks/configs/checkerboard_record.yaml --minutes 30 --out results/record
 
 The run is budgeted in wall-clock time, not steps: after the linear warm-up the learning rate
@@ -18,12 +18,13 @@ would freeze them there. So the run rolls back, as the trainer's guard does: the
 and EMA return to the last healthy snapshot (taken every ``SNAPSHOT_EVERY`` steps, before the update
 of a step whose loss was no spike) and the learning rate is halved from then on (``rollbacks`` in
 ``record.json``). Without a snapshot, or after ``MAX_ROLLBACKS`` rollbacks, it is a divergence:
-training stops, says so, and the EMA weights of the accepted steps are scored (``diverged_at_step``). Every ``--curve-every``
-seconds of training the EMA weights are saved; after training (outside the budget) each snapshot
-is scored, which gives the curve of KL against training time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``,
-``samples.png`` and the run directory (``config.yaml``, weights) into ``--out``. The final score also
-samples the diagonal's probability-flow ODE (Heun, ``--ode-steps`` steps, 64 by default; 0 skips it,
-which makes short screening runs cheaper).
+training stops, says so, and the EMA weights of the accepted steps are scored
+(``diverged_at_step``). Every ``--curve-every`` seconds of training the EMA weights are saved; after
+training (outside the budget) each snapshot is scored, which gives the curve of KL against training
+time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``, ``samples.png`` and the run
+directory (``config.yaml``, weights) into ``--out``. The final score also samples the diagonal's
+probability-flow ODE (Heun, ``--ode-steps`` steps, 64 by default; 0 skips it, which makes short
+screening runs cheaper).
 """
 
 from __future__ import annotations
