@@ -24,7 +24,9 @@ training (outside the budget) each snapshot is scored, which gives the curve of 
 time and steps. Writes ``record.json``, ``curve.csv``, ``record.md``, ``samples.png`` and the run
 directory (``config.yaml``, weights) into ``--out``. The final score also samples the diagonal's
 probability-flow ODE (Heun, ``--ode-steps`` steps, 64 by default; 0 skips it, which makes short
-screening runs cheaper).
+screening runs cheaper). The flow map is scored on the uniform grids (the comparison with Boffi et
+al.) and, when ``--sampler-rho`` or the method's ``grid_rho`` is not 1, also on the grids
+``t_k = (1 - k/N)^rho`` (``flowmaps.samplers.time_grid``; ``kl_K_rho``), which ``samples.png`` shows.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from flowmaps.build import build_model
 from flowmaps.data import get_data
 from flowmaps.methods import Batch, LossContext, build_method
 from flowmaps.plots import plot_panels
-from flowmaps.samplers import sample_flow_map, sample_ode
+from flowmaps.samplers import sample_flow_map, sample_ode, time_grid
 from flowmaps.schedules import get_schedule
 from flowmaps.train.checkpoint import load_weights, save_weights
 from flowmaps.train.config import GuardConfig, apply_override, config_from_dict, read_config_file, save_config
@@ -61,8 +63,11 @@ NFE = (1, 2, 4, 8, 16)
 N_SAMPLES = 65536
 
 
-def score(model: torch.nn.Module, seed: int, n: int = N_SAMPLES, ode_steps: int = 0) -> dict[str, float]:
-    """Histogram KL (50 x 50 on [-1, 1]^2, ``n`` samples) of the flow map at each NFE (and the ODE)."""
+def score(model: torch.nn.Module, seed: int, n: int = N_SAMPLES, ode_steps: int = 0, rho: float = 1.0) -> dict[str, float]:
+    """Histogram KL (50 x 50 on [-1, 1]^2, ``n`` samples) of the flow map at each NFE (and the ODE).
+
+    ``kl_K`` samples on the uniform grid; with ``rho != 1`` also ``kl_K_rho`` on ``time_grid(K, rho=rho)``.
+    """
     target = metrics.checkerboard_bin_probs(50)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 2, generator=gen)
@@ -70,6 +75,9 @@ def score(model: torch.nn.Module, seed: int, n: int = N_SAMPLES, ode_steps: int 
     with torch.no_grad():
         for k in NFE:
             out[f"kl_{k}"] = metrics.histogram_kl(target, sample_flow_map(model, noise, k))
+        if rho != 1:
+            for k in NFE[1:]:
+                out[f"kl_{k}_rho"] = metrics.histogram_kl(target, sample_flow_map(model, noise, time_grid(k, rho=rho)))
         if ode_steps:
             out[f"kl_ode_{ode_steps}"] = metrics.histogram_kl(target, sample_ode(model, noise, ode_steps, "heun"))
     return out
@@ -86,6 +94,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--eval-seed", type=int, default=1234)
     parser.add_argument("--ode-steps", type=int, default=64,
                         help="Heun steps of the diagonal's ODE in the final score (0: skip it, e.g. for screening)")
+    parser.add_argument("--sampler-rho", type=float, default=None, metavar="RHO",
+                        help="also score the flow map on the grids t_k = (1 - k/N)^RHO (default: the method's "
+                             "grid_rho, if any; the uniform grid is always scored)")
     parser.add_argument("--skip-spikes", type=float, default=0.0, metavar="K",
                         help="skip steps whose loss exceeds K x the median of the last 200 (0: off)")
     parser.add_argument("--out", required=True)
@@ -99,6 +110,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = config_from_dict(values)
     if cfg.data.name != "checkerboard":
         raise SystemExit(f"the record is defined on the checkerboard; the config says data.name={cfg.data.name!r}")
+    rho = float(args.sampler_rho if args.sampler_rho is not None else cfg.method.get("grid_rho", 1.0))
+    if not (math.isfinite(rho) and rho > 0):
+        parser.error(f"--sampler-rho must be a positive number; got {rho}")
     out = Path(args.out)
     (out / "curve").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / runs.CONFIG_FILE)
@@ -183,13 +197,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             "skipped_steps": skipped[:100], "rollbacks": rollbacks, "diverged_at_step": diverged_at}
     print(f"record: trained {step} steps in {elapsed:.0f}s of training time ({len(skipped)} loss spikes skipped)")
 
-    final = score(ema.model, args.eval_seed, ode_steps=args.ode_steps)
+    final = score(ema.model, args.eval_seed, ode_steps=args.ode_steps, rho=rho)
     floor = metrics.histogram_kl(metrics.checkerboard_bin_probs(50), data.sample(N_SAMPLES, torch.Generator().manual_seed(args.eval_seed)))
     curve = []
     probe = build_model(cfg, 2)
     for snap_step, snap_elapsed, path in snapshots:
         load_weights(probe, path)
-        curve.append({"step": snap_step, "train_seconds": round(snap_elapsed, 1), **score(probe.eval(), args.eval_seed)})
+        curve.append({"step": snap_step, "train_seconds": round(snap_elapsed, 1), **score(probe.eval(), args.eval_seed, rho=rho)})
     if not snapshots or snapshots[-1][0] != step:
         curve.append({"step": step, "train_seconds": round(elapsed, 1), **{k: v for k, v in final.items() if "ode" not in k}})
     with (out / "curve.csv").open("w", newline="") as f:
@@ -198,11 +212,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         writer.writerows(curve)
     result = {**wall, "floor": floor, **final, "boffi_lsd": BOFFI_LSD, "config": cfg.to_dict(),
               "late_batch": args.late_batch, "late_fraction": args.late_fraction, "minutes": args.minutes,
-              "skip_spikes": args.skip_spikes,
+              "skip_spikes": args.skip_spikes, "sampler_rho": rho,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     (out / "record.json").write_text(json.dumps(result, indent=2))
     lines = ["| sampler | NFE | histogram KL (64k samples) | Boffi et al. LSD |", "|---|---|---|---|"]
     lines += [f"| flow map | {k} | {final[f'kl_{k}']:.4f} | {BOFFI_LSD.get(k, '')} |" for k in NFE]
+    if rho != 1:
+        lines += [f"| flow map, grid rho {rho:g} | {k} | {final[f'kl_{k}_rho']:.4f} | {BOFFI_LSD.get(k, '')} |"
+                  for k in NFE[1:]]
     if args.ode_steps:
         lines += [f"| ODE heun (diagonal) | {2 * args.ode_steps} | {final[f'kl_ode_{args.ode_steps}']:.4f} | |"]
     lines += [f"| exact samples (floor) | | {floor:.4f} | |"]
@@ -210,9 +227,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     gen = torch.Generator().manual_seed(args.eval_seed)
     noise = torch.randn(N_SAMPLES, 2, generator=gen)
     with torch.no_grad():
-        panels = {"data": data.sample(N_SAMPLES, gen), **{f"{k} step{'s' * (k > 1)}": sample_flow_map(ema.model, noise, k)
-                                                           for k in NFE}}
-    plot_panels(panels, out / "samples.png", title=f"checkerboard record: {step} steps, {elapsed / 60:.1f} min")
+        panels = {"data": data.sample(N_SAMPLES, gen),
+                  **{f"{k} step{'s' * (k > 1)}": sample_flow_map(ema.model, noise, time_grid(k, rho=rho)) for k in NFE}}
+    grid = "uniform grid" if rho == 1 else f"grid rho {rho:g}"
+    plot_panels(panels, out / "samples.png", title=f"checkerboard record: {step} steps, {elapsed / 60:.1f} min, {grid}")
     print("\n".join(lines))
 
 

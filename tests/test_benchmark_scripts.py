@@ -29,7 +29,8 @@ def test_method_cost_times_methods_against_fm_and_compares_backends(capsys):
 
 def test_checkerboard_record_trains_scores_and_writes_its_files(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
-    config.write_text("data: {name: checkerboard}\nmethod: {name: lsd, diagonal_target: batch_posterior}\n"
+    config.write_text("data: {name: checkerboard}\nmethod: {name: lsd, diagonal_target: batch_posterior, "
+                      "grid_fraction: 0.25, grid_rho: 2.0, grid_level_weights: [2, 1, 1, 1, 1]}\n"
                       "model: {width: 16, depth: 1}\noptim: {warmup_steps: 2}\ntrain: {batch_size: 64}\n")
     record = _script("checkerboard_record")
     record.main(["--config", str(config), "--minutes", "0.03", "--curve-every", "0.6", "--late-batch", "128",
@@ -38,12 +39,16 @@ def test_checkerboard_record_trains_scores_and_writes_its_files(tmp_path, capsys
     assert result["steps"] > 0 and result["skipped_spikes"] >= 0 and result["skip_spikes"] == 10
     assert result["diverged_at_step"] is None
     assert all(0 < result[f"kl_{k}"] < 10 for k in (1, 2, 4, 8, 16)) and 0 < result["floor"] < 0.1
+    assert result["sampler_rho"] == 2.0 and all(0 < result[f"kl_{k}_rho"] < 10 for k in (2, 4, 8, 16))
     assert result["config"]["method"]["diagonal_target"] == "batch_posterior"
     curve = (tmp_path / "out" / "curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,train_seconds,kl_1") and len(curve) >= 3  # a snapshot and the final row
+    assert curve[0].endswith("kl_16_rho")
     assert (tmp_path / "out" / "samples.png").is_file() and "histogram KL" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         record.main(["--config", str(config), "--skip-spikes", "0.5", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit):
+        record.main(["--config", str(config), "--sampler-rho", "0", "--out", str(tmp_path / "bad")])
 
 
 def _exploding_record(tmp_path, monkeypatch, exploding_steps):

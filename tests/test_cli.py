@@ -47,6 +47,19 @@ def test_sample_command(run_dir, tmp_path):
     assert np.array_equal(a, np.load(tmp_path / "t.npy"))
 
 
+def test_sample_command_on_a_power_grid(run_dir, tmp_path, capsys):
+    """``--rho 2`` composes the map over ``time_grid(3, rho=2)``, with the same noise as the uniform grid."""
+    out = tmp_path / "rho.npy"
+    assert main(["sample", str(run_dir), "--nfe", "3", "--rho", "2", "--n", "50", "--seed", "3", "--out", str(out)]) == 0
+    model = flowmaps.load(run_dir)
+    noise = torch.randn(50, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(model(model(noise, 1.0, 4 / 9), 4 / 9, 1 / 9), 1 / 9, 0.0)
+    assert np.allclose(np.load(out), expected.numpy(), atol=1e-6)
+    assert main(["sample", str(run_dir), "--nfe", "3", "--rho", "0", "--out", str(tmp_path / "bad.npy")]) == 2
+    assert "rho" in capsys.readouterr().err
+
+
 def test_methods_command(capsys):
     assert main(["methods"]) == 0
     text = capsys.readouterr().out

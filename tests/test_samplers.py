@@ -58,6 +58,30 @@ def test_bad_grids(grid, msg):
         as_grid(grid, None, torch.float32) if not isinstance(grid, int) else time_grid(grid)
 
 
+def test_time_grid_is_a_power_of_the_uniform_grid():
+    """``t_k = (1 - k/N)^rho``: from 1 to 0, decreasing, steps packed towards the data for ``rho > 1``,
+    the ``N``-step grid inside the ``2N``-step one, and ``rho = 1`` the uniform grid."""
+    assert torch.equal(time_grid(4, rho=1.0), torch.linspace(1, 0, 5))
+    g8, g16 = time_grid(8, dtype=torch.float64, rho=2.0), time_grid(16, dtype=torch.float64, rho=2.0)
+    assert torch.allclose(g8, (1 - torch.arange(9, dtype=torch.float64) / 8) ** 2, atol=0)
+    assert g8[0] == 1 and g8[-1] == 0 and bool((g8[1:] < g8[:-1]).all())
+    assert torch.allclose(g16[::2], g8, atol=1e-15)
+    steps = g8[:-1] - g8[1:]
+    assert bool((steps[1:] < steps[:-1]).all())  # shorter steps near t = 0
+
+
+def test_composition_on_a_power_grid_reproduces_the_exact_map(exact_gaussian_map, gaussian):
+    noise = torch.randn(32, 3, dtype=torch.float64)
+    out = sample_flow_map(exact_gaussian_map, noise, time_grid(5, dtype=torch.float64, rho=2.5))
+    assert torch.allclose(out, gaussian.flow_map(noise, 1.0, 0.0), atol=1e-9)
+
+
+@pytest.mark.parametrize("rho", [0.0, -1.0, float("nan"), float("inf")])
+def test_time_grid_rejects_a_bad_exponent(rho):
+    with pytest.raises(ValueError, match="rho"):
+        time_grid(4, rho=rho)
+
+
 def _assert_exact_marginal(x, gaussian, t):
     """``x`` is a sample of the Gaussian's marginal at time ``t``: standardised moments within 5 standard errors."""
     tt = torch.tensor(t, dtype=torch.float64)

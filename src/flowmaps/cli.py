@@ -115,18 +115,19 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from flowmaps.runs import DATA_INFO_FILE, load
-    from flowmaps.samplers import sample_flow_map, sample_ode
+    from flowmaps.samplers import sample_flow_map, sample_ode, time_grid
     import json
 
     if args.nfe < 1 or args.n < 1:
         raise ValueError(f"--nfe and --n must be positive; got --nfe {args.nfe}, --n {args.n}")
+    grid = time_grid(args.nfe, rho=args.rho)  # checks --rho before the model loads
     model = load(args.run_dir, ema=not args.raw, device=args.device)
     dim = json.loads((Path(args.run_dir) / DATA_INFO_FILE).read_text())["dim"]
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(args.n, dim, generator=gen, device=device)
     with torch.no_grad():
-        x = sample_ode(model, noise, args.nfe, "euler") if args.ode else sample_flow_map(model, noise, args.nfe)
+        x = sample_ode(model, noise, grid, "euler") if args.ode else sample_flow_map(model, noise, grid)
     np.save(args.out, x.cpu().numpy())
     print(f"flowmaps: wrote {args.n} samples ({'ODE' if args.ode else 'flow map'}, {args.nfe} NFE) to {args.out}")
     return 0
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument("--rho", type=float, default=1.0,
+                   help="steps on the grid t_k = (1 - k/N)^RHO (1: uniform; 2-2.5 packs them towards the data)")
     p.add_argument("--ode", action="store_true", help="use the diagonal as an Euler ODE sampler instead")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="cpu")

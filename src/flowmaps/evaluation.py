@@ -9,7 +9,7 @@ from torch import nn
 
 from flowmaps import metrics
 from flowmaps.data import DataSource
-from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode
+from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode, time_grid
 from flowmaps.schedules import Schedule
 from flowmaps.train.config import EvalConfig
 
@@ -68,8 +68,8 @@ def evaluate(
             x = sample_consistency(model, noise, k, schedule, generator=gen).cpu()
             label = f"consistency, {steps}"
         else:
-            x = sample_flow_map(model, noise, k).cpu()
-            label = f"flow map, {steps}"
+            x = sample_flow_map(model, noise, time_grid(k, device, noise.dtype, cfg.grid_rho)).cpu()
+            label = f"flow map, {steps}" + (f" (grid rho {cfg.grid_rho:g})" if cfg.grid_rho != 1 else "")
         results[label] = {"nfe": k, **sample_metrics(x, reference, data.name)}
         panels[steps] = x
     if multistep_sampler == "flow_map":

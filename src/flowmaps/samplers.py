@@ -17,6 +17,7 @@ Samplers add no ``torch.no_grad``: callers choose (reward steering differentiate
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -28,12 +29,21 @@ ODE_SOLVERS = ("euler", "heun")
 
 
 def time_grid(
-    steps: int, device: Union[torch.device, str, None] = None, dtype: torch.dtype = torch.float32
+    steps: int, device: Union[torch.device, str, None] = None, dtype: torch.dtype = torch.float32, rho: float = 1.0
 ) -> torch.Tensor:
-    """The uniform grid ``[1, 1 - 1/N, ..., 0]`` of ``steps + 1`` times."""
+    """The grid ``t_k = (1 - k / N)^rho``, ``k = 0..N``, of ``steps + 1`` times from 1 to 0.
+
+    ``rho = 1`` is the uniform grid; ``rho > 1`` packs the steps towards the data end (``t = 0``),
+    where the paths bend most, as EDM's ``rho`` does in noise level (Karras et al. 2022). The grids
+    of ``N`` and ``2N`` steps are nested for every ``rho``.
+    """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps}")
-    return torch.linspace(1.0, 0.0, int(steps) + 1, device=device, dtype=dtype)
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"the grid exponent rho must be a positive number; got {rho!r}")
+    if rho == 1:
+        return torch.linspace(1.0, 0.0, int(steps) + 1, device=device, dtype=dtype)
+    return torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64).pow(rho).to(device=device, dtype=dtype)
 
 
 def as_grid(

@@ -1,21 +1,23 @@
-"""Grid distillation: the jumps of uniform sampling grids regressed on finer compositions of the map.
+"""Grid distillation: the jumps of sampling grids regressed on finer compositions of the map.
 
-A flow map is sampled on uniform grids (``flowmaps.samplers.sample_flow_map``): ``N`` steps use the
-jumps ``((k + 1) / N, k / N)``. By the compositional rule (spec §2) each such jump equals the
-composition of ``K`` equal sub-jumps, and short jumps are the ones a self-distilled map learns
-best (they approach Euler steps of its diagonal), so the composition is a better estimate of the
-jump than the jump itself. The term
+A flow map is sampled on grids (``flowmaps.samplers.time_grid``): ``N`` steps use the jumps
+``(u_{k+1}^rho, u_k^rho)``, ``u_k = k / N`` (``rho = 1``: the uniform grid; ``rho > 1`` packs the
+steps towards the data). By the compositional rule (spec §2) each such jump equals the composition
+of ``K`` sub-jumps, and short jumps are the ones a self-distilled map learns best (they approach
+Euler steps of its diagonal), so the composition is a better estimate of the jump than the jump
+itself. The term
 
     L_grid = E |F(x_s, s, t) - sg[F_K(x_s, s, t)]|^2,
-    F_K = F(., t_{K-1}, t) o ... o F(., s, t_1),  t_i = s + i (t - s) / K,
+    F_K = F(., t_{K-1}, t) o ... o F(., s, t_1),  t_i = (s^(1/rho) + i (t^(1/rho) - s^(1/rho)) / K)^rho,
 
-with ``(s, t)`` a jump of the grid of ``N = 2^L`` steps (``L`` uniform in ``0..levels``, the
-segment ``k`` uniform) and ``x_s = alpha(s) x_0 + sigma(s) eps``, pulls the few-step maps towards
-the many-step composition. It is progressive self-distillation (Boffi et al. 2025's PSD, whose
-midpoint variant is ``K = 2`` with random pairs) on the dyadic grids that shortcut models sample
-with (Frans et al. 2024), with a ``K``-fold target. The target uses the EMA weights when the
-trainer passes them (``target="ema"``) and the online weights otherwise. At the exact map the
-term is zero (the compositional rule).
+with ``(s, t)`` a jump of the grid of ``N = 2^L`` steps (``L`` in ``0..levels``, uniform or in
+proportion to ``level_weights``; the segment ``k`` uniform; the sub-jumps are the steps of the
+``K N``-step grid) and
+``x_s = alpha(s) x_0 + sigma(s) eps``, pulls the few-step maps towards the many-step composition.
+It is progressive self-distillation (Boffi et al. 2025's PSD, whose midpoint variant is ``K = 2``
+with random pairs) on the dyadic grids that shortcut models sample with (Frans et al. 2024), with a
+``K``-fold target. The target uses the EMA weights when the trainer passes them (``target="ema"``)
+and the online weights otherwise. At the exact map the term is zero (the compositional rule).
 
 The rows are extra: ``round(fraction * B)`` examples of the batch's data with fresh noise, on top of
 the method's own rows; the term switches on at ``start`` (a fraction of training), so the early,
@@ -24,7 +26,8 @@ fast-changing phase runs at the method's own cost.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,19 +40,32 @@ GRID_TARGETS = ("ema", "online")
 
 
 def dyadic_jumps(n: int, levels: int, generator: torch.Generator, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` jumps ``(s, t) = ((k + 1) / 2^L, k / 2^L)``: ``L`` uniform in ``0..levels``, ``k`` uniform in ``0..2^L - 1``."""
-    level = torch.randint(0, levels + 1, (n,), generator=generator, device=device)
+                 dtype: torch.dtype, rho: float = 1.0,
+                 level_weights: Optional[Sequence[float]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` jumps ``(s, t) = (((k + 1) / 2^L)^rho, (k / 2^L)^rho)``: ``L`` in ``0..levels`` (uniform,
+    or with probabilities proportional to ``level_weights``), ``k`` uniform in ``0..2^L - 1`` (the
+    steps of ``flowmaps.samplers.time_grid(2^L, rho=rho)``)."""
+    if level_weights is None:
+        level = torch.randint(0, levels + 1, (n,), generator=generator, device=device)
+    else:
+        probs = torch.as_tensor(level_weights, dtype=torch.float64, device=device)
+        level = torch.multinomial(probs, n, replacement=True, generator=generator)
     steps = torch.pow(2.0, level.to(dtype))
     k = torch.floor(torch.rand(n, generator=generator, device=device, dtype=dtype) * steps)
-    return (k + 1) / steps, k / steps
+    return ((k + 1) / steps).pow(rho), (k / steps).pow(rho)
 
 
 def composed_jump(model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, substeps: int,
-                  cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F_K(x, s, t)``: ``substeps`` equal jumps from ``s`` to ``t`` (per-row times)."""
-    for i in range(substeps):
-        x = model(x, s + (t - s) * (i / substeps), s + (t - s) * ((i + 1) / substeps), cond, check_times=False)
+                  cond: Optional[torch.Tensor] = None, rho: float = 1.0) -> torch.Tensor:
+    """``F_K(x, s, t)``: ``substeps`` jumps from ``s`` to ``t`` (per-row times), equal in ``u = t^(1/rho)``.
+
+    With ``rho = 1`` the sub-jumps are equal; otherwise they subdivide the step of a ``rho`` grid into
+    the steps of the ``substeps``-times finer ``rho`` grid.
+    """
+    u_s, u_t = s.pow(1.0 / rho), t.pow(1.0 / rho)
+    times = [s] + [(u_s + (u_t - u_s) * (i / substeps)).pow(rho) for i in range(1, substeps)] + [t]
+    for start, end in zip(times[:-1], times[1:]):
+        x = model(x, start, end, cond, check_times=False)
     return x
 
 
@@ -58,7 +74,7 @@ class GridDistillation:
 
     def __init__(self, schedule: Schedule, method: str, fraction: float = 0.0, substeps: int = 8,
                  levels: int = 4, start: float = 0.0, target: str = "ema", weight: float = 1.0,
-                 reduction: str = "mean"):
+                 rho: float = 1.0, level_weights: Optional[Sequence[float]] = None, reduction: str = "mean"):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"grid_fraction of method {method!r} must lie in [0, 1]; got {fraction}")
         if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 2:
@@ -69,11 +85,20 @@ class GridDistillation:
             raise ValueError(f"grid_start of method {method!r} must lie in [0, 1) (a fraction of training); got {start}")
         if not weight > 0:
             raise ValueError(f"grid_weight of method {method!r} must be positive; got {weight}")
+        if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
+            raise ValueError(f"grid_rho of method {method!r} must be a positive number; got {rho!r}")
+        if level_weights is not None:
+            level_weights = list(level_weights) if isinstance(level_weights, (list, tuple)) else level_weights
+            if not (isinstance(level_weights, list) and len(level_weights) == levels + 1
+                    and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                            for w in level_weights) and sum(level_weights) > 0):
+                raise ValueError(f"grid_level_weights of method {method!r} must be {levels + 1} non-negative numbers "
+                                 f"(one per level 0..grid_levels={levels}), not all zero; got {level_weights!r}")
         if target not in GRID_TARGETS:
             raise ValueError(f"grid_target of method {method!r} must be one of {GRID_TARGETS}; got {target!r}")
         self.schedule = schedule
         self.fraction, self.substeps, self.levels, self.start, self.target = fraction, substeps, levels, start, target
-        self.weight, self.reduction = weight, reduction
+        self.weight, self.rho, self.level_weights, self.reduction = weight, float(rho), level_weights, reduction
 
     def active(self, progress: float) -> bool:
         return self.fraction > 0 and progress >= self.start
@@ -86,12 +111,12 @@ class GridDistillation:
             return
         rows = batch.take(slice(0, n))
         x0 = rows.x0
-        s, t = dyadic_jumps(n, self.levels, generator, x0.device, x0.dtype)
+        s, t = dyadic_jumps(n, self.levels, generator, x0.device, x0.dtype, self.rho, self.level_weights)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_s = self.schedule.sample_xt(x0, eps, s)
         use_ema = self.target == "ema" and ctx is not None and ctx.ema_model is not None
         with torch.no_grad():
-            goal = composed_jump(ctx.ema_model if use_ema else model, x_s, s, t, self.substeps, rows.cond)
+            goal = composed_jump(ctx.ema_model if use_ema else model, x_s, s, t, self.substeps, rows.cond, self.rho)
         jump = model(x_s, s, t, rows.cond, check_times=False)
         terms.add("grid", self.weight * squared_norm(jump - goal, self.reduction))
 

@@ -149,6 +149,8 @@ class LSD(SplitBatchMethod):
         grid_start: float = 0.0,
         grid_target: str = "ema",
         grid_weight: float = 1.0,
+        grid_rho: float = 1.0,
+        grid_level_weights: Optional[Sequence[float]] = None,
     ):
         super().__init__(
             schedule, diagonal_fraction=diagonal_fraction, time_distribution=time_distribution,
@@ -158,7 +160,7 @@ class LSD(SplitBatchMethod):
             diagonal_target=diagonal_target,
         )
         self.grid = GridDistillation(schedule, self.name, grid_fraction, grid_substeps, grid_levels, grid_start,
-                                     grid_target, grid_weight, reduction)
+                                     grid_target, grid_weight, grid_rho, grid_level_weights, reduction)
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: Optional[LossContext]) -> None:
         jump, d_jump_dt = _lagrangian_jvp(self, model, draw, grad="full")

@@ -93,6 +93,7 @@ class EvalConfig:
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     ode_steps: int = 32
     ode_solver: str = "heun"
+    grid_rho: float = 1.0  # flow-map steps on the grid t_k = (1 - k/N)^grid_rho (flowmaps.samplers.time_grid)
 
 
 @dataclass
@@ -122,7 +123,7 @@ _CHOICES = {
     "distributed.backend": ("auto", "gloo", "nccl"),
 }
 _POSITIVE = {"model.width", "model.depth", "model.max_freq", "model.x_scale", "optim.lr", "train.steps",
-             "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps",
+             "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps", "eval.grid_rho",
              "train.grad_accum", "checkpoint.keep_last", "guard.max_strikes", "guard.spike_window"}
 _NON_NEGATIVE = {"model.num_freqs", "model.x_features", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
                  "checkpoint.every", "guard.max_rollbacks", "distributed.check_steps"}
