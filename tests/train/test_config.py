@@ -22,6 +22,7 @@ def test_defaults_are_valid():
         ({"optim": {"optimizer": "sgd"}}, "optim.optimizer must be one of"),
         ({"eval": {"nfe": [1, 0]}}, "eval.nfe entries must be positive"),
         ({"eval": {"grid_rho": 0.0}}, "eval.grid_rho must be positive"),
+        ({"eval": {"grid_rho": float("inf")}}, "eval.grid_rho must be a finite positive number"),
         ({"train": {"grad_accum": 0}}, "train.grad_accum must be positive"),
         ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
         ({"train": {"compile": "yes"}}, "train.compile must be of type bool"),

@@ -11,6 +11,7 @@ Sections: ``data``, ``model``, ``method``, ``optim``, ``train``, ``checkpoint``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"guard.lr_factor must lie in (0, 1]; got {cfg.guard.lr_factor!r}")
     if not (cfg.guard.spike_factor == 0 or cfg.guard.spike_factor > 1):
         raise ConfigError(f"guard.spike_factor must be 0 (off) or above 1; got {cfg.guard.spike_factor!r}")
+    if not math.isfinite(cfg.eval.grid_rho):
+        raise ConfigError(f"eval.grid_rho must be a finite positive number; got {cfg.eval.grid_rho!r}")
     if any(n < 1 for n in cfg.eval.nfe):
         raise ConfigError(f"eval.nfe entries must be positive step counts; got {cfg.eval.nfe}")
     if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):
