@@ -47,7 +47,7 @@ from flowmaps.build import build_model
 from flowmaps.data import get_data
 from flowmaps.methods import Batch, LossContext, build_method
 from flowmaps.plots import plot_panels
-from flowmaps.samplers import sample_flow_map, sample_ode, time_grid
+from flowmaps.samplers import check_rho, sample_flow_map, sample_ode, time_grid
 from flowmaps.schedules import get_schedule
 from flowmaps.train.checkpoint import load_weights, save_weights
 from flowmaps.train.config import GuardConfig, apply_override, config_from_dict, read_config_file, save_config
@@ -110,9 +110,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = config_from_dict(values)
     if cfg.data.name != "checkerboard":
         raise SystemExit(f"the record is defined on the checkerboard; the config says data.name={cfg.data.name!r}")
-    rho = float(args.sampler_rho if args.sampler_rho is not None else cfg.method.get("grid_rho", 1.0))
-    if not (math.isfinite(rho) and rho > 0):
-        parser.error(f"--sampler-rho must be a positive number; got {rho}")
+    try:
+        rho = check_rho(args.sampler_rho if args.sampler_rho is not None else cfg.method.get("grid_rho", 1.0),
+                        "--sampler-rho")
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     (out / "curve").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / runs.CONFIG_FILE)

@@ -28,6 +28,13 @@ from flowmaps.schedules import LinearSchedule, Schedule
 ODE_SOLVERS = ("euler", "heun")
 
 
+def check_rho(rho: float, name: str = "the grid exponent rho") -> float:
+    """``rho`` as a float if it is a finite positive number (a grid exponent); otherwise ``ValueError`` naming ``name``."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"{name} must be a positive number; got {rho!r}")
+    return float(rho)
+
+
 def time_grid(
     steps: int, device: Union[torch.device, str, None] = None, dtype: torch.dtype = torch.float32, rho: float = 1.0
 ) -> torch.Tensor:
@@ -39,8 +46,7 @@ def time_grid(
     """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps}")
-    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f"the grid exponent rho must be a positive number; got {rho!r}")
+    check_rho(rho)
     if rho == 1:
         return torch.linspace(1.0, 0.0, int(steps) + 1, device=device, dtype=dtype)
     return torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64).pow(rho).to(device=device, dtype=dtype)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from flowmaps.methods.base import Batch, LossContext
+from flowmaps.samplers import check_rho
 from flowmaps.schedules import Schedule
 from flowmaps.weighting import LossTerms, squared_norm
 
@@ -85,11 +86,9 @@ class GridDistillation:
             raise ValueError(f"grid_start of method {method!r} must lie in [0, 1) (a fraction of training); got {start}")
         if not weight > 0:
             raise ValueError(f"grid_weight of method {method!r} must be positive; got {weight}")
-        if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
-            raise ValueError(f"grid_rho of method {method!r} must be a positive number; got {rho!r}")
+        rho = check_rho(rho, f"grid_rho of method {method!r}")
         if level_weights is not None:
-            level_weights = list(level_weights) if isinstance(level_weights, (list, tuple)) else level_weights
-            if not (isinstance(level_weights, list) and len(level_weights) == levels + 1
+            if not (isinstance(level_weights, (list, tuple)) and len(level_weights) == levels + 1
                     and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
                             for w in level_weights) and sum(level_weights) > 0):
                 raise ValueError(f"grid_level_weights of method {method!r} must be {levels + 1} non-negative numbers "
@@ -98,7 +97,8 @@ class GridDistillation:
             raise ValueError(f"grid_target of method {method!r} must be one of {GRID_TARGETS}; got {target!r}")
         self.schedule = schedule
         self.fraction, self.substeps, self.levels, self.start, self.target = fraction, substeps, levels, start, target
-        self.weight, self.rho, self.level_weights, self.reduction = weight, float(rho), level_weights, reduction
+        self.weight, self.rho, self.reduction = weight, rho, reduction
+        self.level_weights = None if level_weights is None else list(level_weights)
 
     def active(self, progress: float) -> bool:
         return self.fraction > 0 and progress >= self.start
