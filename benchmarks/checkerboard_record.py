@@ -50,7 +50,8 @@ from flowmaps.plots import plot_panels
 from flowmaps.samplers import check_rho, sample_flow_map, sample_ode, time_grid
 from flowmaps.schedules import get_schedule
 from flowmaps.train.checkpoint import load_weights, save_weights
-from flowmaps.train.config import GuardConfig, apply_override, config_from_dict, read_config_file, save_config
+from flowmaps.train.config import GuardConfig, apply_override, read_config_file, save_config
+from flowmaps.build import config_from_dict
 from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceGuard
 from flowmaps.train.loop import make_optimizer

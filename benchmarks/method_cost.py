@@ -22,7 +22,6 @@ is approximate to a few MB.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import statistics
@@ -35,7 +34,9 @@ import torch
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.jvp import JVP_BACKENDS
-from flowmaps.methods import Batch, LossContext, build_method, describe_methods, get_method_class, method_names
+from flowmaps.methods import (
+    Batch, LossContext, build_method, describe_methods, get_method_class, method_names, method_options,
+)
 from flowmaps.nets import MLP
 from flowmaps.schedules import LinearSchedule
 from flowmaps.teachers import FlowMapTeacher
@@ -43,7 +44,7 @@ from flowmaps.teachers import FlowMapTeacher
 
 def takes_jvp_backend(name: str) -> bool:
     """Whether the method computes JVPs through the engine (its class has a ``jvp_backend`` option)."""
-    return "jvp_backend" in inspect.signature(get_method_class(name).__init__).parameters
+    return "jvp_backend" in method_options(name)
 
 
 def make_setup(name: str, args: argparse.Namespace, device: torch.device, backend: Optional[str] = None):

@@ -70,7 +70,7 @@ def test_methods_command(capsys):
     "args,msg",
     [
         (["--method", "magic"], "unknown method 'magic'"),
-        (["--set", "method.diagonal_fraction=2"], "diagonal_fraction must lie in"),
+        (["--set", "method.diagonal_fraction=2"], "diagonal_fraction of method 'lsd' must lie in"),
         (["--steps", "-3"], "train.steps must be positive"),
         (["--data", "nosuchset"], "unknown data 'nosuchset'"),
     ],

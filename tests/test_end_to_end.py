@@ -8,7 +8,7 @@ import torch
 from flowmaps.data import get_data
 from flowmaps.metrics import energy_distance
 from flowmaps.samplers import sample_flow_map
-from flowmaps.train.config import config_from_dict
+from flowmaps.build import config_from_dict
 from flowmaps.train.loop import train
 
 SPEC = {"weights": [0.5, 0.3, 0.2], "means": [[-1.0, 0.0], [1.0, 0.5], [0.2, -1.0]],

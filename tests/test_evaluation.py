@@ -15,10 +15,10 @@ def test_exact_map_scores_at_the_floor(sampler):
     model = FlowMap(ExactAverageVelocity(mix))
     cfg = EvalConfig(n_samples=1500, nfe=[1, 2], ode_steps=16, ode_solver="heun")
     results, panels = evaluate(model, MixtureData("mix", mix), cfg, seed=0, device=torch.device("cpu"),
-                               multistep_sampler=sampler, schedule=mix.schedule)
+                               sampler=sampler, schedule=mix.schedule)
     floor = results["floor (two data samples)"]["energy_distance"]
     noise = results["noise (untrained scale)"]["energy_distance"]
-    rows = [k for k in results if k.startswith(("flow map", "consistency"))]
+    rows = [k for k in results if k.startswith(("flow map", "consistency", "one step"))]
     assert len(rows) == (1 if sampler == "one_step" else 2)
     for k in rows:
         assert results[k]["energy_distance"] < 3 * floor + 0.002 < noise / 10, k
@@ -28,8 +28,8 @@ def test_exact_map_scores_at_the_floor(sampler):
 
 
 def test_unknown_sampler():
-    with pytest.raises(ValueError, match="unknown multistep sampler"):
-        evaluate(None, None, EvalConfig(), 0, torch.device("cpu"), multistep_sampler="magic")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        evaluate(None, None, EvalConfig(), 0, torch.device("cpu"), sampler="magic")
 
 
 def test_grid_rho_samples_on_the_power_grid():

@@ -9,7 +9,8 @@ from flowmaps.flow_map import FlowMap
 from flowmaps.nets import MLP
 from flowmaps.oracle import Gaussian
 from flowmaps.schedules import LinearSchedule
-from flowmaps.teachers import EMATarget, ExactTeacher, VelocityTeacher, load_teacher
+from flowmaps.methods.targets import EMATarget
+from flowmaps.teachers import ExactTeacher, VelocityTeacher, load_teacher
 
 
 def test_velocity_teacher_converts_the_flow_matching_convention():

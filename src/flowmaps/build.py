@@ -1,12 +1,44 @@
-"""Build the objects a run needs from its validated config."""
+"""Build the objects a run needs from its config: the validated config itself, the model, the device.
+
+``config_from_dict`` / ``load_config`` are the entry points every command uses: the config module's
+schema check (``flowmaps.train.config.parse_config``), then the method's options against the method
+registry (``flowmaps.methods``), both raising ``ConfigError`` naming the key.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
 
 import torch
 
 from flowmaps.flow_map import FlowMap
+from flowmaps.methods import build_method
 from flowmaps.nets import MLP
-from flowmaps.train.config import Config
+from flowmaps.schedules import get_schedule
+from flowmaps.train.config import Config, ConfigError, parse_config, read_config_file
+
+
+def check_method(cfg: Config) -> None:
+    """Build ``cfg``'s method once to check its name and options (a placeholder stands in for the teacher)."""
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    try:
+        teacher = object() if cfg.teacher is not None else None
+        build_method(cfg.method["name"], get_schedule(cfg.train.schedule), teacher=teacher, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method: {err}") from err
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A ``Config`` from nested dictionaries (missing keys take defaults), schema and method options checked."""
+    cfg = parse_config(values)
+    check_method(cfg)
+    return cfg
+
+
+def load_config(path: Union[str, Path]) -> Config:
+    """The checked ``Config`` of a YAML or TOML file."""
+    return config_from_dict(read_config_file(path))
 
 
 def build_model(cfg: Config, dim: int) -> FlowMap:

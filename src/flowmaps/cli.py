@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from flowmaps.train.config import Config, ConfigError, apply_override, config_from_dict, read_config_file
+from flowmaps.train.config import Config, ConfigError, apply_override, read_config_file
+from flowmaps.build import config_from_dict
 
 
 _RESUME_CONFLICTS = ("config", "data", "method", "batch_size", "seed", "teacher", "out", "overwrite")

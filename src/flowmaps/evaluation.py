@@ -9,11 +9,10 @@ from torch import nn
 
 from flowmaps import metrics
 from flowmaps.data import DataSource
-from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode, time_grid
+from flowmaps.samplers import get_sampler, ode_nfe, sample_ode
 from flowmaps.schedules import Schedule
 from flowmaps.train.config import EvalConfig
 
-MULTISTEP_SAMPLERS = ("flow_map", "consistency", "one_step")
 ENERGY_SAMPLES = 4096
 MMD_SAMPLES = 2048
 
@@ -38,20 +37,18 @@ def evaluate(
     cfg: EvalConfig,
     seed: int,
     device: torch.device,
-    multistep_sampler: str = "flow_map",
+    sampler: str = "flow_map",
     schedule: Optional[Schedule] = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metrics of ``model``'s samples against fresh data, with the floor of two exact data samples.
 
-    ``multistep_sampler`` is the method's own: ``"flow_map"`` composes ``F`` over the grid and adds
-    the diagonal ODE baseline; ``"consistency"`` (maps trained only towards ``t = 0``) jumps to data
-    and re-noises with ``schedule`` between steps; ``"one_step"`` (maps trained only from ``s = 1``)
-    is evaluated at one step alone. The last two have no ODE baseline (their diagonal is untrained).
-    Returns ``(metrics, samples)``; ``samples`` maps panel names (``data``, ``1 step``, ...,
-    ``ODE heun (64 NFE)``) to ``[n, D]`` CPU tensors for plotting.
+    ``sampler`` is the method's own (``flowmaps.samplers.SAMPLERS``), run at every ``cfg.nfe`` it
+    supports on the grid ``time_grid(k, rho=cfg.grid_rho)``; ``consistency`` re-noises with
+    ``schedule`` between steps. Samplers whose map has a trained diagonal (``flow_map``) add the
+    diagonal's ODE baseline. Returns ``(metrics, samples)``; ``samples`` maps panel names (``data``,
+    ``1 step``, ..., ``ODE heun (64 NFE)``) to ``[n, D]`` CPU tensors for plotting.
     """
-    if multistep_sampler not in MULTISTEP_SAMPLERS:
-        raise ValueError(f"unknown multistep sampler {multistep_sampler!r}; use one of {MULTISTEP_SAMPLERS}")
+    chosen = get_sampler(sampler)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     n = cfg.n_samples
     reference = data.sample(n, gen).cpu()
@@ -62,17 +59,11 @@ def evaluate(
         "noise (untrained scale)": sample_metrics(noise.cpu(), reference, data.name),
     }
     panels = {"data": reference}
-    for k in [1] if multistep_sampler == "one_step" else cfg.nfe:
-        steps = f"{k} step{'s' if k > 1 else ''}"
-        if multistep_sampler == "consistency":
-            x = sample_consistency(model, noise, k, schedule, generator=gen).cpu()
-            label = f"consistency, {steps}"
-        else:
-            x = sample_flow_map(model, noise, time_grid(k, device, noise.dtype, cfg.grid_rho)).cpu()
-            label = f"flow map, {steps}" + (f" (grid rho {cfg.grid_rho:g})" if cfg.grid_rho != 1 else "")
-        results[label] = {"nfe": k, **sample_metrics(x, reference, data.name)}
-        panels[steps] = x
-    if multistep_sampler == "flow_map":
+    for k in [k for k in cfg.nfe if chosen.max_steps is None or k <= chosen.max_steps]:
+        x = chosen.sample(model, noise, k, rho=cfg.grid_rho, schedule=schedule, generator=gen).cpu()
+        results[chosen.label(k, cfg.grid_rho)] = {"nfe": k, **sample_metrics(x, reference, data.name)}
+        panels[f"{k} step{'s' if k > 1 else ''}"] = x
+    if chosen.ode_baseline:
         x = sample_ode(model, noise, cfg.ode_steps, cfg.ode_solver).cpu()
         nfe = ode_nfe(cfg.ode_steps, cfg.ode_solver)
         results[f"ODE {cfg.ode_solver} {cfg.ode_steps} steps"] = {"nfe": nfe, **sample_metrics(x, reference, data.name)}

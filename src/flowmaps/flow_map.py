@@ -43,11 +43,14 @@ class FlowMap(nn.Module):
     through ``forward`` keeps that DDP-safe too. Times are floats
     or ``[B]`` tensors; with ``check_times=True`` (the default for users) they are validated to lie
     in ``[0, 1]``, which costs a device synchronisation, so training code passes ``False``.
+    ``sampler`` names the sampler of the method that trained the map (``flowmaps.samplers.SAMPLERS``;
+    ``flowmaps.load`` sets it from the run), which ``flowmaps.samplers.sample`` uses.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, sampler: str = "flow_map"):
         super().__init__()
         self.net = net
+        self.sampler = sampler
 
     def forward(
         self,

@@ -13,10 +13,10 @@ from typing import Union
 
 import torch
 
-from flowmaps.build import build_model, resolve_device
+from flowmaps.build import build_model, load_config, resolve_device
 from flowmaps.flow_map import FlowMap
+from flowmaps.methods import get_method_class
 from flowmaps.train.checkpoint import load_weights
-from flowmaps.train.config import load_config
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -25,12 +25,14 @@ DATA_INFO_FILE = "data_info.json"
 
 
 def load(run_dir: Union[str, Path], ema: bool = True, device: Union[str, torch.device] = "cpu") -> FlowMap:
-    """The trained ``FlowMap`` of a run (EMA weights by default), in eval mode, callable as ``model(x, s, t)``."""
+    """The trained ``FlowMap`` of a run (EMA weights by default), in eval mode, callable as ``model(x, s, t)``;
+    its ``sampler`` is its method's (``flowmaps.samplers.sample(model, noise, steps)`` uses it)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a flowmaps run directory (no {CONFIG_FILE})")
     cfg = load_config(run_dir / CONFIG_FILE)
     info = json.loads((run_dir / DATA_INFO_FILE).read_text())
     model = build_model(cfg, int(info["dim"])).to(resolve_device(str(device)))
+    model.sampler = get_method_class(cfg.method["name"]).sampler
     load_weights(model, run_dir / (EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE))
     return model.eval().requires_grad_(False)

@@ -12,13 +12,20 @@
   deterministic composition, ``gamma = 1`` consistency-style).
 - ``invert`` / ``round_trip_error``: data to noise ``F(x_0, 0, 1)`` and the error of noise back to data.
 
+Each method names the sampler its maps are drawn with (``Method.sampler``), one of ``SAMPLERS``:
+``flow_map`` (``FlowMapSampler``: compose ``F``), ``consistency`` (``ConsistencySampler``: maps
+trained only towards ``t = 0``) and ``one_step`` (``OneStepSampler``: maps trained only from
+``s = 1``, one step alone). Training evaluation, ``flowmaps bench``, ``flowmaps sample`` and
+``sample(model, ...)`` on a ``flowmaps.load``-ed model all call the method's own.
+
 Samplers add no ``torch.no_grad``: callers choose (reward steering differentiates through them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from abc import ABC, abstractmethod
+from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -247,3 +254,106 @@ def round_trip_error(
     error = (reconstruction - data).flatten(1).norm(dim=1)
     scale = data.flatten(1).norm(dim=1).mean()
     return {"mean": float(error.mean()), "max": float(error.max()), "relative": float(error.mean() / scale)}
+
+
+class Sampler(ABC):
+    """Noise to data in ``steps`` network evaluations on the grid ``time_grid(steps, rho)``."""
+
+    name: ClassVar[str]
+    # whether the map's diagonal is trained, so the diagonal's ODE sampler is a fair baseline
+    ode_baseline: ClassVar[bool] = False
+    # the most steps the map supports (None: any)
+    max_steps: ClassVar[Optional[int]] = None
+
+    def check_steps(self, steps: int) -> None:
+        """``ValueError`` unless ``steps`` is a positive integer this sampler supports."""
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer; got {steps!r}")
+        if self.max_steps is not None and steps > self.max_steps:
+            raise ValueError(f"the {self.name} sampler takes at most {self.max_steps} step(s): {self.why_max}; "
+                             f"got {steps} (sample with another sampler only if its map was trained for it)")
+
+    why_max: ClassVar[str] = ""
+
+    def trained(self, s: float, t: float) -> bool:
+        """Whether the maps of this sampler's methods are trained at the pair ``(s, t)``."""
+        return True
+
+    @abstractmethod
+    def sample(self, model: nn.Module, noise: torch.Tensor, steps: int, cond: Optional[torch.Tensor] = None,
+               rho: float = 1.0, schedule: Optional[Schedule] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``steps`` network evaluations from ``noise`` (at ``t = 1``) to data."""
+
+    def label(self, steps: int, rho: float = 1.0) -> str:
+        """How a table names this sampler at ``steps`` steps."""
+        grid = f" (grid rho {rho:g})" if rho != 1 else ""
+        return f"{self.name.replace('_', ' ')}, {steps} step{'s' if steps > 1 else ''}{grid}"
+
+
+class FlowMapSampler(Sampler):
+    """Deterministic composition of ``F`` over the grid (``sample_flow_map``)."""
+
+    name = "flow_map"
+    ode_baseline = True
+
+    def sample(self, model: nn.Module, noise: torch.Tensor, steps: int, cond: Optional[torch.Tensor] = None,
+               rho: float = 1.0, schedule: Optional[Schedule] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        self.check_steps(steps)
+        return sample_flow_map(model, noise, time_grid(steps, noise.device, noise.dtype, rho), cond)
+
+
+class ConsistencySampler(Sampler):
+    """Jump to data, re-noise to the next time, repeat (``sample_consistency``): only ``F(x, s, 0)`` is used."""
+
+    name = "consistency"
+
+    def trained(self, s: float, t: float) -> bool:
+        return t == 0.0
+
+    def sample(self, model: nn.Module, noise: torch.Tensor, steps: int, cond: Optional[torch.Tensor] = None,
+               rho: float = 1.0, schedule: Optional[Schedule] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        self.check_steps(steps)
+        return sample_consistency(model, noise, time_grid(steps, noise.device, noise.dtype, rho), schedule,
+                                  generator, cond)
+
+
+class OneStepSampler(Sampler):
+    """``F(eps, 1, 0)`` alone: for maps trained only from ``s = 1`` (data-free distillation)."""
+
+    name = "one_step"
+    max_steps = 1
+    why_max = "its map was trained only from s = 1, so F(x, s, t) with s < 1 is untrained"
+
+    def trained(self, s: float, t: float) -> bool:
+        return s == 1.0
+
+    def label(self, steps: int, rho: float = 1.0) -> str:
+        return "one step from s = 1"
+
+    def sample(self, model: nn.Module, noise: torch.Tensor, steps: int, cond: Optional[torch.Tensor] = None,
+               rho: float = 1.0, schedule: Optional[Schedule] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        self.check_steps(steps)
+        return sample_flow_map(model, noise, 1, cond)
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (FlowMapSampler(), ConsistencySampler(), OneStepSampler())}
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler called ``name`` (one of ``SAMPLERS``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(model: nn.Module, noise: torch.Tensor, steps: int = 1, cond: Optional[torch.Tensor] = None,
+           sampler: Optional[str] = None, rho: float = 1.0, schedule: Optional[Schedule] = None,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Samples of ``model`` with its own sampler (``model.sampler``, set by ``flowmaps.load`` from the
+    method that trained it; ``flow_map`` for a plain ``FlowMap``) or the one named by ``sampler``."""
+    chosen = get_sampler(sampler if sampler is not None else getattr(model, "sampler", FlowMapSampler.name))
+    return chosen.sample(model, noise, steps, cond, rho, schedule, generator)

@@ -146,19 +146,26 @@ class TimePairSampler:
         t = torch.minimum(t, 1 - gap)
         return t + gap, t
 
+    def sample_pairs(self, n: int, generator: torch.Generator, device: torch.device,
+                     progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` pairs ``(s, t)`` with the gap curriculum at ``progress`` and, for ``direction="both"``,
+        each pair flipped with probability 1/2."""
+        s, t = self.pairs(n, generator, device)
+        g = self.max_gap(progress)
+        if g < 1.0:
+            t = s - g * (s - t)
+        if self.direction == "both":
+            flip = torch.rand(n, generator=generator, device=device) < 0.5
+            s, t = torch.where(flip, t, s), torch.where(flip, s, t)
+        return s, t
+
     def sample(
         self, batch: int, generator: torch.Generator, device: torch.device, progress: float = 1.0
     ) -> TimePairs:
         """Times for a batch: ``t_diag`` for the diagonal rows, ``(s, t)`` for the others."""
         n_diag, n_pair = self.split(batch)
         t_diag = self.times(n_diag, generator, device)
-        s, t = self.pairs(n_pair, generator, device)
-        g = self.max_gap(progress)
-        if g < 1.0:
-            t = s - g * (s - t)
-        if self.direction == "both":
-            flip = torch.rand(n_pair, generator=generator, device=device) < 0.5
-            s, t = torch.where(flip, t, s), torch.where(flip, s, t)
+        s, t = self.sample_pairs(n_pair, generator, device, progress)
         return TimePairs(t_diag=t_diag, s=s, t=t)
 
 

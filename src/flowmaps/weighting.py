@@ -25,6 +25,7 @@ per-term logs and diagnostics.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -70,14 +71,15 @@ def time_weight(kind: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 class LossWeighting:
     """``lambda(s, t) * w * rho(|R|^2)`` per example, with the options validated by name.
 
-    ``penalty_c`` is the scale ``c`` of the robust penalty, ``adaptive_p`` / ``adaptive_c`` the power
-    and offset of the adaptive weight, all acting on ``|R|^2`` under ``reduction``.
+    ``penalty_c`` is the scale ``c`` of the robust penalty (``None``: iCT's ``0.00054 sqrt(D)`` for ``D``
+    features per example, Song & Dhariwal 2023), ``adaptive_p`` / ``adaptive_c`` the power and offset of
+    the adaptive weight, all acting on ``|R|^2`` under ``reduction``.
     """
 
     def __init__(
         self,
         penalty: str = "mse",
-        penalty_c: float = 1e-3,
+        penalty_c: Optional[float] = 1e-3,
         adaptive_p: float = 0.0,
         adaptive_c: float = 1e-3,
         reduction: str = "mean",
@@ -89,8 +91,8 @@ class LossWeighting:
             raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
         if time_weight not in TIME_WEIGHTS:
             raise ValueError(f"unknown time_weight {time_weight!r}; choose one of {TIME_WEIGHTS}")
-        if not penalty_c > 0:
-            raise ValueError(f"penalty_c must be positive; got {penalty_c}")
+        if penalty_c is not None and not penalty_c > 0:
+            raise ValueError(f"penalty_c must be positive (or None for 0.00054 sqrt(D)); got {penalty_c}")
         if not adaptive_p >= 0:
             raise ValueError(f"adaptive_p must be non-negative; got {adaptive_p}")
         if not adaptive_c > 0:
@@ -104,7 +106,8 @@ class LossWeighting:
     ) -> torch.Tensor:
         """Per-example weighted loss ``[B]`` of a residual ``[B, ...]`` at times ``(s, t)``."""
         sq = squared_norm(residual, self.reduction)
-        loss = penalty(sq, self.penalty, self.penalty_c)
+        c = self.penalty_c if self.penalty_c is not None else 0.00054 * math.sqrt(residual[0].numel())
+        loss = penalty(sq, self.penalty, c)
         if self.adaptive_p > 0:
             loss = loss * adaptive_weight(sq, self.adaptive_p, self.adaptive_c)
         if self.time_weight != "none":
@@ -132,6 +135,7 @@ class LossTerms:
         self.parts: list[torch.Tensor] = []
         self.terms: dict[str, torch.Tensor] = {}
         self.diagnostics: dict[str, torch.Tensor] = {}
+        self.auxiliary: Optional[torch.Tensor] = None
 
     def add(self, name: str, per_example: torch.Tensor) -> None:
         if per_example.numel() == 0:
@@ -142,6 +146,11 @@ class LossTerms:
     def log(self, name: str, value: torch.Tensor) -> None:
         """A detached diagnostic (its batch mean when ``value`` has one entry per example)."""
         self.diagnostics[name] = value.detach().float().mean()
+
+    def add_auxiliary(self, name: str, loss: torch.Tensor) -> None:
+        """The scalar loss of the trainer-owned auxiliary networks (logged as the diagnostic ``name``)."""
+        self.auxiliary = loss if self.auxiliary is None else self.auxiliary + loss
+        self.log(name, loss)
 
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if not self.parts:

@@ -25,10 +25,6 @@ class _TeacherOnly(Method):
     cost = 5
     needs_teacher = True
 
-    def __init__(self, schedule, teacher):
-        super().__init__(schedule)
-        self.teacher = teacher
-
     def loss(self, model, batch, generator, ctx=None):
         t = torch.rand(batch.x0.shape[0], generator=generator)
         x = self.schedule.sample_xt(batch.x0, torch.randn(batch.x0.shape, generator=generator), t)
@@ -42,17 +38,14 @@ class _Broken(_TeacherOnly):
     name = "bench_test_broken"
     needs_teacher = False
 
-    def __init__(self, schedule):
-        Method.__init__(self, schedule)
-
     def loss(self, model, batch, generator, ctx=None):
         raise RuntimeError("deliberately broken")
 
 
 @pytest.fixture
 def extra_methods(monkeypatch):
-    monkeypatch.setitem(registry._REGISTRY, _TeacherOnly.name, _TeacherOnly)
-    monkeypatch.setitem(registry._REGISTRY, _Broken.name, _Broken)
+    monkeypatch.setitem(registry._REGISTRY, _TeacherOnly.name, registry.MethodEntry(_TeacherOnly.name, _TeacherOnly))
+    monkeypatch.setitem(registry._REGISTRY, _Broken.name, registry.MethodEntry(_Broken.name, _Broken))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +149,7 @@ def test_sampling_throughput_counts_nfe():
     assert "| ODE heun | 2 | 4 |" in throughput_table(rows)
 
 
-def test_each_method_is_sampled_with_its_own_multistep_sampler(tmp_path):
+def test_each_method_is_sampled_with_its_own_sampler(tmp_path):
     """Consistency maps (trained only to t = 0) re-noise between steps; one-step maps get one step."""
     cfg = BenchConfig(datasets=["8gaussians"], **{**TINY, "methods": ["ct", "pid"], "seeds": [0], "steps": 4})
     result = run_bench(cfg, tmp_path, log=lambda _: None)
@@ -237,7 +230,7 @@ class _FlakyOnce(_Broken):
 
 def test_guard_events_are_counted_per_run(monkeypatch, tmp_path):
     """Steps the divergence guard skipped are reported per run (0 for healthy runs)."""
-    monkeypatch.setitem(registry._REGISTRY, _FlakyOnce.name, _FlakyOnce)
+    monkeypatch.setitem(registry._REGISTRY, _FlakyOnce.name, registry.MethodEntry(_FlakyOnce.name, _FlakyOnce))
     cfg = BenchConfig(datasets=["8gaussians"], **{**TINY, "seeds": [0], "steps": 5, "methods": ["fm", _FlakyOnce.name]})
     result = run_bench(cfg, tmp_path, log=lambda _: None)
     skipped = {r.method: r.value for r in result.rows if r.metric == "nonfinite_steps"}

@@ -19,7 +19,7 @@ from flowmaps.methods import get_method_class
 from flowmaps.metrics import energy_distance
 from flowmaps.samplers import sample_consistency, sample_flow_map
 from flowmaps.schedules import LinearSchedule
-from flowmaps.train.config import config_from_dict
+from flowmaps.build import config_from_dict
 from flowmaps.train.loop import train
 
 SPEC = {"weights": [0.5, 0.3, 0.2], "means": [[-1.0, 0.0], [1.0, 0.5], [0.2, -1.0]],
@@ -54,7 +54,7 @@ def distances(model, method: str, directory: Path) -> tuple[float, float]:
     data = get_data(str(mixture_file(directory)))
     g = torch.Generator().manual_seed(123)
     exact, noise = data.sample(4000, g), torch.randn(4000, 2, generator=g)
-    anchored = getattr(get_method_class(method), "multistep_sampler", "flow_map") == "consistency"
+    anchored = get_method_class(method).sampler == "consistency"
     with torch.no_grad():
         one = sample_flow_map(model, noise, 1)
         four = (sample_consistency(model, noise, 4, LinearSchedule(), torch.Generator().manual_seed(5))

@@ -7,7 +7,7 @@ import torch
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import Batch, LossContext, build_method, get_method_class
-from flowmaps.methods.consistency import ct_num_steps, ct_target_decay, ict_num_steps
+from flowmaps.methods.consistency.anchored import ct_num_steps, ct_target_decay, ict_num_steps
 from flowmaps.nets import MLP
 from flowmaps.teachers import ExactTeacher, FlowMapTeacher
 from tests.methods.exact_checks import (
@@ -49,7 +49,7 @@ def test_intervals_are_grid_cells_drawn_with_the_discretised_time_distribution(g
     method = build_method("ct", gaussian.schedule, curriculum="fixed", final_steps=4,
                           time_distribution="logit_normal", logit_mean=-0.5, logit_std=1.5)
     g = torch.Generator().manual_seed(0)
-    s, r = method.intervals(200_000, g, torch.zeros(1, dtype=torch.float64), LossContext())
+    s, r = method.pair_times(Batch(torch.zeros(200_000, 1, dtype=torch.float64)), g, LossContext(), 1.0)
     assert torch.allclose(s - r, torch.full_like(s, 0.25)) and bool((r >= 0).all() and (s <= 1).all())
     edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
     cdf = torch.special.ndtr((torch.logit(edges) + 0.5) / 1.5)
@@ -93,7 +93,7 @@ def test_ctm_residual_is_near_zero_at_exact_map(gaussian):
 
 def test_ctm_differentiates_the_map_to_data_only_through_its_input():
     """The extra call F_sg(y, t, 0) passes gradients to the jump y but not to its own weights."""
-    from flowmaps.methods.consistency import _through_frozen_weights
+    from flowmaps.methods.consistency.ctm import through_frozen_weights as _through_frozen_weights
 
     torch.manual_seed(0)
     model = FlowMap(MLP(2, width=16, depth=2)).double()
@@ -190,10 +190,10 @@ def test_ect_step_shrinks_by_stage(gaussian):
     method = _ect(gaussian, exact_model(gaussian), stages=4, q=2.0)
     x0 = torch.zeros(1, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
-    s, r = method.intervals(1000, g, x0, LossContext(0, 100))
+    s, r = method.pair_times(Batch(x0.expand(1000, 1)), g, LossContext(0, 100), 1.0)
     assert bool((r == 0).all())  # stage 0: Delta = s (diffusion training)
     g = torch.Generator().manual_seed(0)
-    s, r = method.intervals(1000, g, x0, LossContext(99, 100))
+    s, r = method.pair_times(Batch(x0.expand(1000, 1)), g, LossContext(99, 100), 1.0)
     ratio = (s - r) / s
     assert bool((ratio > 1 / 8 - 1e-12).all() and (ratio <= 9 / 8).all())
     assert float(method.curriculum_state(LossContext(99, 100))["stage"]) == 3
@@ -208,7 +208,7 @@ def test_pseudo_huber_distance_follows_ict(gaussian):
     method = build_method("ict", gaussian.schedule)
     residual = torch.tensor([[3e-3, 4e-3, 0.0], [3.0, 4.0, 0.0]], dtype=torch.float64)
     c = 0.00054 * math.sqrt(3)
-    assert torch.allclose(method.distance(residual), torch.sqrt(torch.tensor([25e-6, 25.0]) + c * c).double() - c)
+    assert torch.allclose(method.weighting(residual), torch.sqrt(torch.tensor([25e-6, 25.0]) + c * c).double() - c)
 
 
 def test_ct_target_decay_follows_the_paper():
@@ -222,7 +222,7 @@ def test_ct_target_decay_follows_the_paper():
 def test_paper_target_decays(name, decay, gaussian):
     teacher = {"teacher": FlowMapTeacher(exact_model(gaussian))} if get_method_class(name).needs_teacher else {}
     method = build_method(name, gaussian.schedule, **teacher)
-    assert method.target_ema_decay == decay and (method.target is None) == (decay == 0)
+    assert method.options.target_ema_decay == decay and (method.target.ema is None) == (decay == 0)
 
 
 def test_the_ema_target_lags_the_online_weights(gaussian):
@@ -280,12 +280,12 @@ def test_online_target_methods_keep_no_state(gaussian):
 
 @pytest.mark.parametrize("name", ["ct", "ict", "cd", "ect", "scm", "facm"])
 def test_anchored_methods_ask_for_the_consistency_sampler(name):
-    assert get_method_class(name).multistep_sampler == "consistency"
+    assert get_method_class(name).sampler == "consistency"
 
 
 @pytest.mark.parametrize("name", ["ctm", "psd-u", "shortcut", "fmm"])
 def test_two_time_methods_do_not(name):
-    assert getattr(get_method_class(name), "multistep_sampler", "flow_map") == "flow_map"
+    assert get_method_class(name).sampler == "flow_map"
 
 
 @pytest.mark.parametrize("name,kw,msg", [
@@ -355,7 +355,7 @@ def test_ctm_frozen_map_under_ddp_reduces_every_gradient_once(tmp_path):
 
     from tests.ddp_hooks import count_reduced_gradients
 
-    from flowmaps.methods.consistency import _through_frozen_weights
+    from flowmaps.methods.consistency.ctm import through_frozen_weights as _through_frozen_weights
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

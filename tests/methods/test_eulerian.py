@@ -121,7 +121,7 @@ def test_teacher_methods_refuse_to_start_without_a_teacher(gaussian):
     ("ayf-emd", dict(tangent_norm_c=-0.1), "tangent_norm_c"),
     ("soflow", dict(velocity="teacher"), "velocity of method 'soflow'"),
     ("soflow", dict(step_start=0.01, step_end=0.1), "step_end <= step_start"),
-    ("meanflow", dict(reduction="max"), "unknown reduction"),
+    ("meanflow", dict(reduction="max"), "reduction of method .meanflow. must be one of"),
     ("imf", dict(adaptive_c=0.0), "adaptive_c"),
     ("imf", dict(diagonal_fraction=1.5), "diagonal_fraction"),
 ])

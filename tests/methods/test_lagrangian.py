@@ -1,13 +1,18 @@
 """Lagrangian methods at the exact Gaussian flow map: residuals vanish, wrong conventions are
 rejected, and away from the exact map the update points back to it."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import Batch, LossContext, build_method, get_method_class
 from flowmaps.oracle import ExactAverageVelocity, Gaussian
+from flowmaps.methods.lagrangian.freeflow import DENOISER
 from flowmaps.teachers import ExactTeacher
+from flowmaps.train.auxiliary import AuxiliaryNetworks
+from flowmaps.train.distributed import DistributedContext
 from tests.methods.exact_checks import (
     assert_rejects, assert_restoring, assert_stationary, assert_vanishes, loss_and_grad,
 )
@@ -22,8 +27,19 @@ CASES = {
     # forward finite difference: O(h) residual
     "pid": dict(term="lagrangian", options=dict(fd_step=1e-5), tol=1e-8, grad_tol=1e-3),
     # the auxiliary network is the exact velocity and is not trained, so the correction is exact too
-    "freeflow": dict(term="prediction", options=dict(aux_steps=0, correction_warmup=0.0)),
+    "freeflow": dict(term="prediction", options=dict(correction_warmup=0.0)),
 }
+
+
+def with_denoiser(method, denoiser):
+    """``method`` whose losses see ``denoiser`` as FreeFlow's auxiliary network (the trainer's role)."""
+    loss = method.loss
+
+    def loss_with_denoiser(model, batch, generator, ctx=None):
+        return loss(model, batch, generator, dataclasses.replace(ctx or LossContext(), auxiliary={DENOISER: denoiser}))
+
+    method.loss = loss_with_denoiser
+    return method
 
 
 def make(name, target, exact_options=True, **options):
@@ -36,7 +52,7 @@ def make(name, target, exact_options=True, **options):
         base = {**CASES[name]["options"], **base}
     method = build_method(name, target.schedule, teacher=teacher, **{**base, **options})
     if name == "freeflow":
-        method.auxiliary = FlowMap(ExactAverageVelocity(target))
+        with_denoiser(method, FlowMap(ExactAverageVelocity(target)))
     return method
 
 
@@ -123,9 +139,9 @@ def test_freeflow_correction_moves_samples_towards_the_data():
 
     grads = {}
     for weight in (0.0, 1.0):
-        method = build_method("freeflow", real.schedule, teacher=ExactTeacher(real), aux_steps=0,
-                              correction_warmup=0.0, correction_weight=weight)
-        method.auxiliary = FlowMap(ExactAverageVelocity(fake))  # the student's sample distribution
+        method = build_method("freeflow", real.schedule, teacher=ExactTeacher(real), correction_warmup=0.0,
+                              correction_weight=weight)
+        with_denoiser(method, FlowMap(ExactAverageVelocity(fake)))  # the student's sample distribution
         model = FlowMap(Shifted())
         g = torch.Generator().manual_seed(0)
         out = method.loss(model, Batch(torch.zeros(4096, 2, dtype=torch.float64)), g, LossContext(1, 1))
@@ -145,7 +161,7 @@ def test_teacher_methods_refuse_to_start_without_a_teacher(gaussian):
 
 @pytest.mark.parametrize("name,options,message", [
     ("lmd", dict(jvp_backend="nope"), "jvp_backend of method 'lmd'"),
-    ("lsd", dict(penalty="l1"), "unknown penalty"),
+    ("lsd", dict(penalty="l1"), "penalty of method .lsd. must be one of"),
     ("ayf-lmd", dict(tangent_norm_c=-1.0), "tangent_norm_c"),
     ("tvm", dict(target_ema_decay=1.0), "target_ema_decay"),
     ("pid", dict(fd_step=0.0), "fd_step"),
@@ -166,9 +182,9 @@ def test_freeflow_refuses_conditional_batches(gaussian):
         method.loss(exact_model(gaussian), batch, torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name,options", [("tvm", {}), ("freeflow", dict(correction_warmup=0.0))])
+@pytest.mark.parametrize("name,options", [("tvm", {})])
 def test_training_state_survives_a_checkpoint(gaussian, name, options):
-    """TVM's EMA target and FreeFlow's auxiliary network with its optimiser go through
+    """TVM's EMA target goes through
     ``state_dict`` (saved with ``torch.save``, read with ``weights_only=True``): a restored method
     continues exactly as the original."""
     import io
@@ -210,10 +226,17 @@ def _freeflow_rank(rank: int, store: str, prefix: str) -> None:
         torch.manual_seed(100 + rank)  # the ranks start from different random states on purpose
         model = DDP(FlowMap(MLP(2, 16, 2)))
         method = build_method("freeflow", target.schedule, teacher=ExactTeacher(target), correction_warmup=0.0)
+        context = DistributedContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        auxiliary = AuxiliaryNetworks(method.auxiliary_networks((2,)), context)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
         generator = torch.Generator().manual_seed(rank)
         for step in range(3):
-            method.loss(model, Batch(torch.zeros(32, 2)), generator, LossContext(step, 3)).loss.backward()
-        torch.save(torch.cat([p.detach().flatten() for p in method.auxiliary.parameters()]), f"{prefix}{rank}.pt")
+            auxiliary.zero_grad()
+            out = method.loss(model, Batch(torch.zeros(32, 2)), generator, LossContext(step, 3, None, auxiliary.modules))
+            (out.loss + out.auxiliary_loss).backward()
+            auxiliary.step(scaler)
+        weights = auxiliary.modules[DENOISER].parameters()
+        torch.save(torch.cat([p.detach().flatten() for p in weights]), f"{prefix}{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -19,7 +19,7 @@ from flowmaps.data import get_data
 from flowmaps.methods import get_method_class
 from flowmaps.metrics import energy_distance, flow_map_error, flow_map_reference, time_pair_grid
 from flowmaps.samplers import sample_flow_map
-from flowmaps.train.config import config_from_dict
+from flowmaps.build import config_from_dict
 from flowmaps.train.loop import train
 
 SPEC = {"weights": [0.5, 0.3, 0.2], "means": [[-1.0, 0.0], [1.0, 0.5], [0.2, -1.0]],

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from flowmaps.methods import Method, build_method
 from flowmaps.train import loop
-from flowmaps.train.config import config_from_dict
+from flowmaps.build import config_from_dict
 from flowmaps.train.distributed import GradientSyncError, is_main_process
 from tests.train import faults
 from tests.train.tiny import assert_same_tensors, weights

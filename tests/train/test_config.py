@@ -1,6 +1,7 @@
 import pytest
 
-from flowmaps.train.config import ConfigError, apply_override, config_from_dict, read_config_file
+from flowmaps.train.config import ConfigError, apply_override, read_config_file
+from flowmaps.build import config_from_dict
 
 
 def test_defaults_are_valid():
@@ -16,7 +17,7 @@ def test_defaults_are_valid():
         ({"train": {"steps": "many"}}, "train.steps must be of type int"),
         ({"optim": {"learning_rate": 1e-3}}, r"unknown key\(s\) \['optim.learning_rate'\]"),
         ({"trian": {}}, r"unknown config section\(s\) \['trian'\]"),
-        ({"method": {"name": "lsd", "diagonal_fraction": 1.5}}, "diagonal_fraction must lie in"),
+        ({"method": {"name": "lsd", "diagonal_fraction": 1.5}}, "diagonal_fraction of method .lsd. must lie in"),
         ({"method": {"name": "lsd", "diag_frac": 0.5}}, r"has no option\(s\) \['diag_frac'\]"),
         ({"method": {"name": "magic"}}, "unknown method 'magic'"),
         ({"optim": {"optimizer": "sgd"}}, "optim.optimizer must be one of"),
@@ -57,7 +58,8 @@ def test_files_and_overrides(tmp_path):
 
 
 def test_resolved_config_round_trips_with_the_training_sections(tmp_path):
-    from flowmaps.train.config import CheckpointConfig, load_config, save_config
+    from flowmaps.train.config import CheckpointConfig, save_config
+    from flowmaps.build import load_config
 
     cfg = config_from_dict({"checkpoint": {"every": 7}, "guard": {"on_divergence": "stop"}, "train": {"grad_accum": 2}})
     save_config(cfg, tmp_path / "c.yaml")

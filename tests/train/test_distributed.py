@@ -10,7 +10,7 @@ import torch
 
 from flowmaps.data import get_data
 from flowmaps.train.checkpoint import CheckpointStore
-from flowmaps.train.config import config_from_dict
+from flowmaps.build import config_from_dict
 from flowmaps.train.distributed import DistributedContext, ShardedBatches, StopRequest, shard_seed
 from flowmaps.train.loop import train
 from tests.train.dist_worker import STEPS, VALUES

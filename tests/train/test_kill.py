@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flowmaps.train.checkpoint import CheckpointStore
-from flowmaps.train.config import config_from_dict
+from flowmaps.build import config_from_dict
 from flowmaps.train.loop import train
 from tests.train.tiny import assert_same_tensors, tiny_values, weights, write_array_data
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from flowmaps.train.config import Config, config_from_dict
+from flowmaps.train.config import Config
+from flowmaps.build import config_from_dict
 
 BASE: dict[str, Any] = {
     "model": {"width": 32, "depth": 1},

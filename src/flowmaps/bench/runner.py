@@ -6,10 +6,10 @@ solves the exact flow map once (``flowmaps.metrics.flow_map_reference``) and run
 on the exact velocity (the discretisation error alone). Then, per method, it trains through
 ``flowmaps.train.loop.train`` and measures the EMA model:
 
-- the method's own multistep sampler at each step count in ``cfg.nfe``: the flow map ``F``
-  composed over a uniform grid, or, for maps trained only towards ``t = 0``
-  (``multistep_sampler = "consistency"``), consistency multistep sampling (jump to data, re-noise),
-  or, for maps trained only from ``s = 1`` (``"one_step"``), one step alone; ``diagonal`` methods
+- the method's own sampler (``Method.sampler``, ``flowmaps.samplers``) at each step count in
+  ``cfg.nfe`` it supports: the flow map ``F`` composed over a uniform grid, or, for maps trained
+  only towards ``t = 0`` (``consistency``), consistency multistep sampling (jump to data, re-noise),
+  or, for maps trained only from ``s = 1`` (``one_step``), one step alone; ``diagonal`` methods
   such as ``fm`` get none (their off-diagonal is never trained);
 - the diagonal ODE sampler at each of ``cfg.ode_steps`` (flow matching, or every method with
   ``ode_scope="all"``);
@@ -54,10 +54,10 @@ from flowmaps.evaluation import sample_metrics
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import get_method_class, method_names
 from flowmaps.oracle import ExactAverageVelocity
-from flowmaps.samplers import ode_nfe, sample_consistency, sample_flow_map, sample_ode
+from flowmaps.samplers import Sampler, get_sampler, ode_nfe, sample_ode
 from flowmaps.schedules import Schedule, get_schedule
 from flowmaps.runs import load
-from flowmaps.train.config import config_from_dict
+from flowmaps.build import config_from_dict
 from flowmaps.train.loop import LOG_FILE, train
 
 FLOOR = "exact samples (floor)"
@@ -137,11 +137,9 @@ def _step_label(k: int) -> str:
     return f"{k} step{'s' if k > 1 else ''}"
 
 
-def _trained_pairs(reference: metrics.FlowMapReference, multistep: str) -> metrics.FlowMapReference:
+def _trained_pairs(reference: metrics.FlowMapReference, sampler: Sampler) -> metrics.FlowMapReference:
     """The reference pairs a method trains: all (flow maps), ``t = 0`` (consistency), ``s = 1`` (one-step)."""
-    keep = {"flow_map": lambda s, t: True, "consistency": lambda s, t: t == 0.0,
-            "one_step": lambda s, t: s == 1.0}[multistep]
-    chosen = [i for i, (s, t) in enumerate(reference.pairs) if keep(s, t)]
+    chosen = [i for i, (s, t) in enumerate(reference.pairs) if sampler.trained(s, t)]
     return metrics.FlowMapReference([reference.pairs[i] for i in chosen], [reference.x_s[i] for i in chosen],
                                     [reference.exact[i] for i in chosen])
 
@@ -149,19 +147,16 @@ def _trained_pairs(reference: metrics.FlowMapReference, multistep: str) -> metri
 @torch.no_grad()
 def _sample_model(
     cfg: BenchConfig, model: FlowMap, method: str, measure: "_Measure", noise: torch.Tensor,
-    multistep: Optional[str], ode: bool, panels: Optional[dict[str, torch.Tensor]], schedule: Schedule, seed: int,
+    sampler: Optional[Sampler], ode: bool, panels: Optional[dict[str, torch.Tensor]], schedule: Schedule, seed: int,
 ) -> None:
-    """Samples of ``model`` with the method's own multistep sampler (``None``: none) and the ODE baseline."""
+    """Samples of ``model`` with the method's own sampler (``None``: none) and the ODE baseline."""
     counter = metrics.NFECounter(model)
-    if multistep is not None:
-        for k in [1] if multistep == "one_step" else cfg.nfe:
+    if sampler is not None:
+        for k in [k for k in cfg.nfe if sampler.max_steps is None or k <= sampler.max_steps]:
             counter.reset()
-            if multistep == "consistency":
-                gen = torch.Generator(device=noise.device).manual_seed(7919 * (seed + 1) + k)
-                x = sample_consistency(counter, noise, k, schedule, generator=gen)
-            else:
-                x = sample_flow_map(counter, noise, k)
-            measure.samples(method, CONSISTENCY if multistep == "consistency" else FLOW_MAP, counter.calls, x)
+            gen = torch.Generator(device=noise.device).manual_seed(7919 * (seed + 1) + k)
+            x = sampler.sample(counter, noise, k, schedule=schedule, generator=gen)
+            measure.samples(method, CONSISTENCY if sampler.name == "consistency" else FLOW_MAP, counter.calls, x)
             if panels is not None:
                 panels[_step_label(k)] = x.cpu()
     if ode:
@@ -250,16 +245,16 @@ def run_method(cfg: BenchConfig, dataset: str, method: str, seed: int, out_dir: 
         model = load(run_dir, ema=True, device=device)
         schedule = get_schedule(run_cfg.train.schedule)
         diagonal = cls.rule == "diagonal"
-        multistep = None if diagonal else getattr(cls, "multistep_sampler", "flow_map")
+        sampler = None if diagonal else get_sampler(cls.sampler)
         panels = {} if seed == cfg.seeds[0] else None
         measure.scalar(method, TRAINING, "train_seconds", trained.train_seconds)
-        _sample_model(cfg, model, method, measure, ctx.noise, multistep, diagonal or cfg.ode_scope == "all",
+        _sample_model(cfg, model, method, measure, ctx.noise, sampler, diagonal or cfg.ode_scope == "all",
                       panels, schedule, seed)
-        if ctx.fm_reference is not None and multistep is not None:
-            error = metrics.flow_map_error(model, _trained_pairs(ctx.fm_reference, multistep))
+        if ctx.fm_reference is not None and sampler is not None:
+            error = metrics.flow_map_error(model, _trained_pairs(ctx.fm_reference, sampler))
             measure.scalar(method, FLOW_MAP, "flow_map_error", error.mean)
             measure.scalar(method, FLOW_MAP, "flow_map_error_1_to_0", error.per_pair[(1.0, 0.0)])
-        if multistep == "flow_map":
+        if sampler is not None and sampler.ode_baseline:
             gen = torch.Generator(device=device).manual_seed(7_919 * (seed + 1))
             comp = composition_error(model, ctx.reference[: cfg.flow_map_error_samples].to(device), schedule, gen)
             measure.scalar(method, FLOW_MAP, "composition_error", comp["relative"])

@@ -1,9 +1,18 @@
-"""Training methods. Importing this package registers every method under its CLI name."""
+"""Training methods. Importing this package imports every module of its family folders, which
+registers each method under its CLI name: a new method is a new file, with nothing else to edit
+(``docs/extending.md``)."""
 
-from flowmaps.methods import diagonal, lagrangian  # noqa: F401  (registration side effect)
-from flowmaps.methods import eulerian  # noqa: F401  (registration side effect)
-from flowmaps.methods import compositional, consistency  # noqa: F401  (registration side effect)
+import importlib
+import pkgutil
+
 from flowmaps.methods.base import Batch, LossContext, LossOutput, Method
-from flowmaps.methods.registry import build_method, describe_methods, get_method_class, method_names
+from flowmaps.methods.registry import (
+    build_method, describe_methods, get_method_class, method_names, method_options, option_docs, register,
+    register_preset,
+)
 
-__all__ = ["Batch", "LossContext", "LossOutput", "Method", "build_method", "describe_methods", "get_method_class", "method_names"]
+for _module in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+    importlib.import_module(_module.name)
+
+__all__ = ["Batch", "LossContext", "LossOutput", "Method", "build_method", "describe_methods", "get_method_class",
+           "method_names", "method_options", "option_docs", "register", "register_preset"]

@@ -1,16 +1,16 @@
-"""The training-method contract: ``method.loss(model, batch, generator) -> LossOutput``."""
+"""The training-method contract: ``method.loss(model, batch, generator, ctx) -> LossOutput``."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from flowmaps.methods.options import Options
 from flowmaps.schedules import Schedule
-from flowmaps.teachers import EMATarget
 
 
 @dataclass
@@ -32,31 +32,52 @@ class Batch:
 
 @dataclass
 class LossContext:
-    """What the trainer knows beyond the batch: progress (for curricula) and the EMA copy (for targets)."""
+    """What the trainer knows beyond the batch: progress (for curricula), the EMA copy (for targets) and
+    the auxiliary networks it owns for the method (``Method.auxiliary_networks``)."""
 
     step: int = 0
     total_steps: int = 1
     ema_model: Optional[nn.Module] = None
+    auxiliary: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass
 class LossOutput:
-    """The scalar loss to back-propagate, detached per-term losses, and detached diagnostics."""
+    """The scalar loss to back-propagate, detached per-term losses and diagnostics, and the loss of the
+    auxiliary networks (trained by the trainer beside the model; ``None`` when the method has none)."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    auxiliary_loss: Optional[torch.Tensor] = None
+
+
+@dataclass
+class AuxiliaryNetwork:
+    """A network the trainer trains for a method (FreeFlow's denoiser): built once, optimised with Adam at
+    ``lr`` on ``LossOutput.auxiliary_loss``, checkpointed and averaged over processes by the trainer."""
+
+    module: nn.Module
+    lr: float
+
+
+@dataclass
+class NoOptions(Options):
+    """The options of a method that has none."""
 
 
 class Method(ABC):
     """A flow-map training method: one documented loss.
 
-    Subclasses set the class attributes ``rule`` (``"diagonal"``, ``"lagrangian"``, ``"eulerian"``,
-    ``"compositional"``), ``setting`` (``"scratch"``, ``"self-distillation"``, ``"teacher"``) and
-    ``cost`` (forward-pass equivalents per iteration, spec §3) that ``flowmaps methods`` lists.
-    The model passed to ``loss`` is a ``FlowMap`` (possibly wrapped by DDP): methods call it only
-    through ``model(x, s, t, cond, output=..., check_times=False)``. Methods with
-    ``needs_teacher = True`` take a ``teacher`` (``flowmaps.teachers.Teacher``) in their constructor.
+    Class attributes that ``flowmaps methods`` lists: ``rule`` (``"diagonal"``, ``"lagrangian"``,
+    ``"eulerian"``, ``"compositional"``), ``setting`` (``"scratch"``, ``"self-distillation"``,
+    ``"teacher"``) and ``cost`` (forward-pass equivalents per iteration, spec §3). ``Options`` is the
+    method's options dataclass (``flowmaps.methods.options``); ``presets`` maps preset names to option
+    values. ``sampler`` names the sampler its maps are drawn with (``flowmaps.samplers.SAMPLERS``):
+    ``flow_map`` (compose ``F``), ``consistency`` (maps trained only towards ``t = 0``), ``one_step``
+    (maps trained only from ``s = 1``). The model passed to ``loss`` is a ``FlowMap`` (possibly wrapped
+    by DDP): methods call it only through ``model(x, s, t, cond, output=..., check_times=False)``.
+    Methods with ``needs_teacher = True`` receive a teacher (``velocity(x, t, cond)``).
     """
 
     name: str = ""
@@ -64,18 +85,23 @@ class Method(ABC):
     setting: str = ""
     cost: int = 0
     needs_teacher: bool = False
-    # True when the teacher must be a trained network whose weights initialise the student (ECT):
-    # the exact oracle cannot serve, a run directory must.
+    # True when the teacher must be a trained network whose weights initialise the student (ECT).
     initializes_from_teacher: bool = False
-    # How the trained map samples in several steps: "flow_map" (compose F), "consistency" (maps trained
-    # only towards t = 0: jump to data and re-noise), "one_step" (maps trained only from s = 1).
-    multistep_sampler: str = "flow_map"
+    sampler: str = "flow_map"
+    Options: ClassVar[type[Options]] = NoOptions
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, schedule: Schedule):
+    def __init__(self, schedule: Schedule, options: Optional[Options] = None, teacher: Optional[Any] = None):
         self.schedule = schedule
+        self.options = options if options is not None else type(self).Options()
+        self.teacher = teacher
 
     def initialize(self, model: nn.Module) -> None:
         """Prepare ``model`` before the first step of a fresh run (not on resume); ECT copies its teacher here."""
+
+    def auxiliary_networks(self, sample_shape: tuple[int, ...]) -> dict[str, AuxiliaryNetwork]:
+        """Networks the trainer owns and trains for this method on data of ``sample_shape`` (none by default)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Training state the method owns (EMA target weights, ...), saved in checkpoints; tensors only."""
@@ -98,26 +124,4 @@ def mean_square(residual: torch.Tensor) -> torch.Tensor:
     return residual.pow(2).reshape(residual.shape[0], -1).mean(dim=1)
 
 
-class EMATargetState:
-    """Mixin (listed before the ``Method`` base) for methods whose stop-gradient target is their own
-    EMA of the online weights (``flowmaps.teachers.EMATarget``; decay 0: the online weights under
-    stop-gradient, no state). The averaged weights are training state: ``state_dict`` returns them,
-    so checkpoints and resumed runs carry them."""
-
-    target: Optional[EMATarget]
-
-    def init_target(self, decay: float) -> None:
-        """Validate ``decay`` (``target_ema_decay``) and create the target (``None`` at decay 0)."""
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"target_ema_decay of method {self.name!r} must lie in [0, 1) (0: the online weights "
-                             f"under stop-gradient); got {decay}")
-        self.target = EMATarget(decay) if decay > 0 else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target.state_dict()} if self.target is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.target is not None:
-            self.target.load_state_dict(state.get("target", {}))
-        else:
-            super().load_state_dict(state)
+__all__ = ["Batch", "LossContext", "LossOutput", "AuxiliaryNetwork", "Method", "NoOptions", "mean_square"]

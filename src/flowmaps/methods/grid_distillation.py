@@ -26,18 +26,16 @@ fast-changing phase runs at the method's own cost.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from flowmaps.methods.base import Batch, LossContext
-from flowmaps.samplers import check_rho
+from flowmaps.methods.base import LossContext
+from flowmaps.methods.draw import Draw
+from flowmaps.methods.options import GridOptions
 from flowmaps.schedules import Schedule
 from flowmaps.weighting import LossTerms, squared_norm
-
-GRID_TARGETS = ("ema", "online")
 
 
 def dyadic_jumps(n: int, levels: int, generator: torch.Generator, device: torch.device,
@@ -71,54 +69,30 @@ def composed_jump(model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.T
 
 
 class GridDistillation:
-    """The ``grid`` loss term (module docstring); ``fraction = 0`` turns it off."""
+    """The ``grid`` loss term (module docstring), an auxiliary term of the skeleton (``GridOptions``)."""
 
-    def __init__(self, schedule: Schedule, method: str, fraction: float = 0.0, substeps: int = 8,
-                 levels: int = 4, start: float = 0.0, target: str = "ema", weight: float = 1.0,
-                 rho: float = 1.0, level_weights: Optional[Sequence[float]] = None, reduction: str = "mean"):
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"grid_fraction of method {method!r} must lie in [0, 1]; got {fraction}")
-        if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 2:
-            raise ValueError(f"grid_substeps of method {method!r} must be an integer >= 2; got {substeps!r}")
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
-            raise ValueError(f"grid_levels of method {method!r} must be a non-negative integer; got {levels!r}")
-        if not 0.0 <= start < 1.0:
-            raise ValueError(f"grid_start of method {method!r} must lie in [0, 1) (a fraction of training); got {start}")
-        if not weight > 0:
-            raise ValueError(f"grid_weight of method {method!r} must be positive; got {weight}")
-        rho = check_rho(rho, f"grid_rho of method {method!r}")
-        if level_weights is not None:
-            if not (isinstance(level_weights, (list, tuple)) and len(level_weights) == levels + 1
-                    and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-                            for w in level_weights) and sum(level_weights) > 0):
-                raise ValueError(f"grid_level_weights of method {method!r} must be {levels + 1} non-negative numbers "
-                                 f"(one per level 0..grid_levels={levels}), not all zero; got {level_weights!r}")
-        if target not in GRID_TARGETS:
-            raise ValueError(f"grid_target of method {method!r} must be one of {GRID_TARGETS}; got {target!r}")
-        self.schedule = schedule
-        self.fraction, self.substeps, self.levels, self.start, self.target = fraction, substeps, levels, start, target
-        self.weight, self.rho, self.reduction = weight, rho, reduction
-        self.level_weights = None if level_weights is None else list(level_weights)
+    def __init__(self, schedule: Schedule, options: GridOptions, reduction: str = "mean"):
+        self.schedule, self.options, self.reduction = schedule, options, reduction
 
     def active(self, progress: float) -> bool:
-        return self.fraction > 0 and progress >= self.start
+        return self.options.grid_fraction > 0 and progress >= self.options.grid_start
 
-    def add(self, model: nn.Module, batch: Batch, generator: torch.Generator, progress: float,
-            ctx: Optional[LossContext], terms: LossTerms) -> None:
-        """Add ``|F(x_s, s, t) - sg[F_K(x_s, s, t)]|^2`` on ``round(fraction * B)`` rows to ``terms``."""
-        n = int(round(self.fraction * batch.x0.shape[0]))
-        if n == 0 or not self.active(progress):
+    def add(self, method: Any, model: nn.Module, draw: Draw, ctx: LossContext, terms: LossTerms) -> None:
+        """Add ``|F(x_s, s, t) - sg[F_K(x_s, s, t)]|^2`` on ``round(grid_fraction * B)`` rows to ``terms``."""
+        o, batch, generator = self.options, draw.batch, draw.generator
+        n = int(round(o.grid_fraction * batch.x0.shape[0]))
+        if n == 0 or not self.active(draw.progress):
             return
         rows = batch.take(slice(0, n))
         x0 = rows.x0
-        s, t = dyadic_jumps(n, self.levels, generator, x0.device, x0.dtype, self.rho, self.level_weights)
+        s, t = dyadic_jumps(n, o.grid_levels, generator, x0.device, x0.dtype, o.grid_rho, o.grid_level_weights)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_s = self.schedule.sample_xt(x0, eps, s)
-        use_ema = self.target == "ema" and ctx is not None and ctx.ema_model is not None
+        use_ema = o.grid_target == "ema" and ctx.ema_model is not None
         with torch.no_grad():
-            goal = composed_jump(ctx.ema_model if use_ema else model, x_s, s, t, self.substeps, rows.cond, self.rho)
+            goal = composed_jump(ctx.ema_model if use_ema else model, x_s, s, t, o.grid_substeps, rows.cond, o.grid_rho)
         jump = model(x_s, s, t, rows.cond, check_times=False)
-        terms.add("grid", self.weight * squared_norm(jump - goal, self.reduction))
+        terms.add("grid", o.grid_weight * squared_norm(jump - goal, self.reduction))
 
 
-__all__ = ["GRID_TARGETS", "GridDistillation", "composed_jump", "dyadic_jumps"]
+__all__ = ["GridDistillation", "composed_jump", "dyadic_jumps"]

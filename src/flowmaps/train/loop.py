@@ -35,6 +35,7 @@ from flowmaps.methods import LossContext, LossOutput, build_method
 from flowmaps.plots import plot_panels
 from flowmaps.schedules import get_schedule
 from flowmaps.teachers import load_teacher
+from flowmaps.train.auxiliary import AuxiliaryNetworks
 from flowmaps.train.checkpoint import (
     Checkpoint, CheckpointStore, LoadedCheckpoint, capture_rng, restore_rng, save_weights,
 )
@@ -143,8 +144,10 @@ class Trainer:
         teacher = load_teacher(cfg.teacher, self.data, device, schedule) if cfg.teacher is not None else None
         self.method = build_method(cfg.method["name"], schedule, teacher=teacher, **options)
         self.model = build_model(cfg, self.data.dim).to(device)  # the plain FlowMap: saved, EMA'd, replayed
+        self.model.sampler = self.method.sampler
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.auxiliary = AuxiliaryNetworks(self.method.auxiliary_networks((self.data.dim,)), dist_ctx)
         self.scaler = grad_scaler(cfg.train.precision, device)
         self.replay_model = with_precision(self.model, cfg.train.precision, device)
         network = self.replay_model
@@ -209,6 +212,7 @@ class Trainer:
         self.batches.load_state_dict(state["data"], state["generators"])
         self.guard.load_state_dict(state["guard"])
         self.method.load_state_dict(state["method"])
+        self.auxiliary.load_state_dict(state.get("auxiliary", {}))
         restore_rng(state["rng"][self.dist.rank if self.dist.rank < len(state["rng"]) else 0])
         self.step = int(state["step"])
         self.last_saved = self.step
@@ -257,13 +261,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optim.lr * lr_factor(self.cfg, step) * self.guard.lr_scale
         micro = self.batches.next()
-        context = LossContext(step, self.cfg.train.steps, self.ema.model)
+        context = LossContext(step, self.cfg.train.steps, self.ema.model, self.auxiliary.modules)
         self.optimizer.zero_grad(set_to_none=True)
+        self.auxiliary.zero_grad()
         outputs = []
         for i, mb in enumerate(micro):
             with self._gradient_sync(i == len(micro) - 1):
                 out = self.method.loss(self.train_model, mb.batch, mb.generator, context)
-                self.scaler.scale(out.loss.float() / len(micro)).backward()
+                total = out.loss.float() if out.auxiliary_loss is None else out.loss.float() + out.auxiliary_loss.float()
+                self.scaler.scale(total / len(micro)).backward()
             outputs.append(out)
         self.scaler.unscale_(self.optimizer)
         if step - self.first_step < self.cfg.distributed.check_steps:
@@ -282,6 +288,7 @@ class Trainer:
             status = result.status = "spike" if self.guard.is_spike(result.mean_loss) else status
         if status == "ok":
             self.scaler.step(self.optimizer)
+            self.auxiliary.step(self.scaler)
             self.ema.update(self.model)
         elif status == "nonfinite":
             local = diagnose(self.method, self.replay_model, micro, outputs, context, float(grad_norm),
@@ -403,6 +410,7 @@ class Trainer:
                 "data": self.data.state_dict(),
                 "guard": self.guard.state_dict(),
                 "method": self.method.state_dict(),
+                "auxiliary": self.auxiliary.state_dict(),
                 "rng": [g["rng"] for g in gathered],
                 "generators": {k: v for g in gathered for k, v in g["generators"].items()},
             }
@@ -422,7 +430,7 @@ class Trainer:
         results: dict[str, Any] = {}
         if evaluate_at_end:
             results, panels = evaluate(self.ema.model, self.data, self.cfg.eval, self.cfg.train.seed, self.dist.device,
-                                       self.method.multistep_sampler, self.method.schedule)
+                                       self.method.sampler, self.method.schedule)
             plot_panels(panels, self.out_dir / "samples.png",
                         title=f"{self.method.name} on {self.data.name}, {self.cfg.train.steps} steps")
             (self.out_dir / "metrics.md").write_text(metrics_table(results) + "\n")

@@ -1,0 +1,1 @@
+"""The diagonal family: training ``V(x, t, t) = v(x, t)`` alone, the diffusion-model baseline."""

@@ -1,0 +1,40 @@
+"""``load_teacher``: a teacher from its command-line spec (``exact`` or a run directory)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from flowmaps.data import DataSource
+from flowmaps.runs import DATA_INFO_FILE, load
+from flowmaps.schedules import Schedule
+from flowmaps.teachers.base import ExactTeacher, FlowMapTeacher, Teacher
+
+
+def load_teacher(spec: str, data: DataSource, device: torch.device, schedule: Optional[Schedule] = None) -> Teacher:
+    """``"exact"`` (the data must be a Gaussian mixture) or the path of a trained run directory.
+
+    The exact teacher follows the training ``schedule`` (default: the mixture's own, linear).
+    """
+    if spec == "exact":
+        if data.mixture is None:
+            raise ValueError(
+                f"--teacher exact needs Gaussian-mixture data (a mixture spec file, 8gaussians or ring); "
+                f"{data.name!r} has no exact velocity"
+            )
+        return ExactTeacher(data.mixture if schedule is None else data.mixture.with_schedule(schedule))
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"teacher {spec!r} is neither 'exact' nor a run directory")
+    info_file = path / DATA_INFO_FILE
+    if info_file.is_file():
+        dim = int(json.loads(info_file.read_text())["dim"])
+        if dim != data.dim:
+            raise ValueError(f"teacher run {path} was trained on {dim}-dimensional data; {data.name!r} has {data.dim}")
+    return FlowMapTeacher(load(path, ema=True, device=device))
+
+
+__all__ = ["load_teacher"]
