@@ -5,7 +5,6 @@ import torch
 
 from flowmaps.methods import build_method
 from flowmaps.posterior_targets import empirical_velocity
-from flowmaps.teachers import ExactTeacher
 from tests.conftest import small_mixture
 from tests.methods.exact_checks import loss_and_grad
 from tests.methods.exact_models import exact_model

@@ -8,6 +8,7 @@ training runs the same command under torchrun: ``torchrun --nproc_per_node N -m 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -18,8 +19,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from flowmaps.train.config import Config, ConfigError, apply_override, read_config_file
 from flowmaps.build import config_from_dict
+from flowmaps.methods import method_names
+from flowmaps.samplers import SAMPLERS
+from flowmaps.train.config import Config, ConfigError, apply_override, read_config_file
 
 
 _RESUME_CONFLICTS = ("config", "data", "method", "batch_size", "seed", "teacher", "out", "overwrite")
@@ -115,32 +118,61 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from flowmaps.runs import DATA_INFO_FILE, load
-    from flowmaps.samplers import sample_flow_map, sample_ode, time_grid
-    import json
+    from flowmaps.build import load_config
+    from flowmaps.runs import CONFIG_FILE, DATA_INFO_FILE, load
+    from flowmaps.samplers import get_sampler, sample_ode, time_grid
+    from flowmaps.schedules import get_schedule
+    from flowmaps.train.checkpoint import atomic_write
 
     if args.nfe < 1 or args.n < 1:
         raise ValueError(f"--nfe and --n must be positive; got --nfe {args.nfe}, --n {args.n}")
     grid = time_grid(args.nfe, rho=args.rho)  # checks --rho before the model loads
     model = load(args.run_dir, ema=not args.raw, device=args.device)
-    dim = json.loads((Path(args.run_dir) / DATA_INFO_FILE).read_text())["dim"]
+    sampler = None if args.ode else get_sampler(args.sampler or model.sampler)
+    if sampler is not None:
+        sampler.check_steps(args.nfe)
+    run_dir = Path(args.run_dir)
+    dim = json.loads((run_dir / DATA_INFO_FILE).read_text())["dim"]
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(args.n, dim, generator=gen, device=device)
+    schedule = get_schedule(load_config(run_dir / CONFIG_FILE).train.schedule)
     with torch.no_grad():
-        x = sample_ode(model, noise, grid, "euler") if args.ode else sample_flow_map(model, noise, grid)
-    np.save(args.out, x.cpu().numpy())
-    print(f"flowmaps: wrote {args.n} samples ({'ODE' if args.ode else 'flow map'}, {args.nfe} NFE) to {args.out}")
+        if sampler is None:
+            x = sample_ode(model, noise, grid, "euler")
+        else:
+            x = sampler.sample(model, noise, args.nfe, rho=args.rho, schedule=schedule, generator=gen)
+    out = Path(args.out if args.out.endswith(".npy") else f"{args.out}.npy")
+    array = x.cpu().numpy()
+
+    def save_array(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(out, save_array)
+    name = "ode_euler" if sampler is None else sampler.name
+    meta = {"run": str(run_dir), "sampler": name, "method_sampler": model.sampler, "nfe": args.nfe, "rho": args.rho,
+            "n": args.n, "seed": args.seed, "weights": "raw" if args.raw else "ema"}
+    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+    print(f"flowmaps: wrote {args.n} samples ({name}, {args.nfe} NFE) to {out} (metadata {out.with_suffix('.json')})")
     return 0
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from flowmaps.methods import describe_methods
+    from flowmaps.methods import describe_methods, method_options, option_docs
 
+    if args.name:
+        defaults, docs = method_options(args.name), option_docs(args.name)
+        row = next(r for r in describe_methods() if r["name"] == args.name)
+        print(f"{args.name}: {row['summary']}\n  rule {row['rule']}, setting {row['setting']}, cost {row['cost']}, "
+              f"sampler {row['sampler']}\n\n{'option':<22}{'default':<22}meaning")
+        for key in sorted(defaults):
+            print(f"{key:<22}{str(defaults[key]):<22}{docs.get(key, '')}")
+        return 0
     rows = describe_methods()
-    print(f"{'name':<15}{'rule':<15}{'setting':<19}{'cost':>5}  summary")
+    print(f"{'name':<15}{'rule':<15}{'setting':<19}{'cost':>5}  {'sampler':<13}summary")
     for r in rows:
-        print(f"{r['name']:<15}{r['rule']:<15}{r['setting']:<19}{r['cost']:>5}  {r['summary']}")
+        print(f"{r['name']:<15}{r['rule']:<15}{r['setting']:<19}{r['cost']:>5}  {r['sampler']:<13}{r['summary']}")
     return 0
 
 
@@ -202,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy file")
     p.add_argument("--rho", type=float, default=1.0,
                    help="steps on the grid t_k = (1 - k/N)^RHO (1: uniform; 2-2.5 packs them towards the data)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS),
+                   help="override the method's own sampler (flow_map composes F; consistency jumps to data and "
+                        "re-noises; one_step takes F(eps, 1, 0)); written into the output's .json metadata")
     p.add_argument("--ode", action="store_true", help="use the diagonal as an Euler ODE sampler instead")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="cpu")
@@ -222,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("methods", help="list training methods with their rule, setting and cost")
+    p = sub.add_parser("methods", help="list training methods with their rule, setting, cost and sampler; "
+                                       "with a NAME, that method's options with their defaults and meaning")
+    p.add_argument("name", nargs="?", choices=method_names(), metavar="NAME", help="a method (see the list)")
     p.set_defaults(func=_methods)
     return parser
 

@@ -264,6 +264,8 @@ class Sampler(ABC):
     ode_baseline: ClassVar[bool] = False
     # the most steps the map supports (None: any)
     max_steps: ClassVar[Optional[int]] = None
+    # whether the samples are a function of the noise alone (no fresh noise between steps)
+    deterministic: ClassVar[bool] = True
 
     def check_steps(self, steps: int) -> None:
         """``ValueError`` unless ``steps`` is a positive integer this sampler supports."""
@@ -308,6 +310,7 @@ class ConsistencySampler(Sampler):
     """Jump to data, re-noise to the next time, repeat (``sample_consistency``): only ``F(x, s, 0)`` is used."""
 
     name = "consistency"
+    deterministic = False
 
     def trained(self, s: float, t: float) -> bool:
         return t == 0.0

@@ -54,3 +54,22 @@ def assert_restoring(method: Method, target, delta: float = 0.2, n: int = 8192,
             model.net.delta.fill_(d)
         _, grad = loss_and_grad(method, model, target, n=n, ctx=ctx)
         assert grad * d > 0, (d, grad)
+
+
+def assert_fixed_point(method: Method, target, batches: int = 8, n: int = 10000,
+                       ctx: Optional[LossContext] = None) -> None:
+    """The exact map is a fixed point of the (semi-)gradient within Monte-Carlo error, and the map of the
+    opposite convention is not: over ``batches`` independent batches the mean ``dL/d delta`` at the exact
+    map is within three standard errors of zero (plus 0.1 % of the gradient at the wrong map, for the
+    round-off and the residual error of a finite step in a method's ``exact_limit``), and at the
+    time-reversed map it is five standard errors away from zero and beyond the exact map's band. Sound
+    for losses with noisy (conditional) targets and for normalised ones, whose gradients are small
+    everywhere."""
+    def grads(variant: str) -> torch.Tensor:
+        return torch.tensor([loss_and_grad(method, exact_model(target, variant), target, n=n, seed=k, ctx=ctx)[1]
+                             for k in range(batches)], dtype=torch.float64)
+
+    exact, wrong = grads("exact"), grads("time_reversed")
+    band = 3 * exact.std() / batches**0.5 + 1e-3 * abs(wrong.mean())
+    assert abs(exact.mean()) < band, (exact.mean(), band)
+    assert abs(wrong.mean()) > max(5 * wrong.std() / batches**0.5, abs(exact.mean()) + band), (exact, wrong)

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from flowmaps.bench.runner import EXACT_ODE, FLOOR, FLOW_MAP, TRAINING, BenchResult, Row
+from flowmaps.bench.runner import EXACT_ODE, FLOOR, FLOW_MAP, BenchResult, Row
 
 TABLE_METRICS = ("energy_distance", "hist_kl")
 PLOT_METRICS = ("energy_distance", "sliced_w2", "mmd", "hist_kl")

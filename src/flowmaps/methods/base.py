@@ -90,6 +90,9 @@ class Method(ABC):
     sampler: str = "flow_map"
     Options: ClassVar[type[Options]] = NoOptions
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # options under which the loss is consistent, so that the exact flow map is its fixed point (a step
+    # shrunk to its limit, an auxiliary task switched off); the registry-driven tests check it there
+    exact_limit: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, schedule: Schedule, options: Optional[Options] = None, teacher: Optional[Any] = None):
         self.schedule = schedule

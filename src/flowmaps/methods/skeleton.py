@@ -27,17 +27,22 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from flowmaps.methods.base import Batch, LossContext, LossOutput, Method
+from flowmaps.methods.base import AuxiliaryNetwork, Batch, LossContext, LossOutput, Method, mean_square
 from flowmaps.methods.draw import AuxiliaryTerm, Draw, progress
 from flowmaps.methods.grid_distillation import GridDistillation
 from flowmaps.methods.options import (
-    DiagonalTargetOptions, GridOptions, JVPOptions, Options, TargetOptions, WeightingOptions, pair_sampler,
+    DiagonalTargetOptions,
+    GridOptions,
+    JVPOptions,
+    Options,
+    TargetOptions,
+    WeightingOptions,
+    pair_sampler,
 )
 from flowmaps.methods.targets import TargetNetwork
 from flowmaps.posterior_targets import diagonal_velocity_target
 from flowmaps.schedules import Schedule
 from flowmaps.weighting import LossTerms, LossWeighting, row_norm, squared_norm
-
 
 TANGENT_NORMS = ("l2", "rms")
 
@@ -190,4 +195,6 @@ class SkeletonMethod(Method):
         return LossOutput(*terms.result(), auxiliary_loss=terms.auxiliary)
 
 
-__all__ = ["SkeletonMethod", "TANGENT_NORMS", "log_residual", "normalise_tangent", "semigradient"]
+# what a method's file needs besides its options: the skeleton and the types of its hooks
+__all__ = ["SkeletonMethod", "TANGENT_NORMS", "log_residual", "normalise_tangent", "semigradient",
+           "AuxiliaryNetwork", "Batch", "Draw", "LossContext", "LossTerms", "mean_square"]

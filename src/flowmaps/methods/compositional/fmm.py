@@ -1,18 +1,13 @@
 """FMM: flow map matching (Boffi, Albergo & Vanden-Eijnden 2024, arXiv 2406.07507)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from torch import nn
 
 from flowmaps.jvp import flow_jvp
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.options import JVPOptions, TwoTimeOptions, option
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod
-from flowmaps.weighting import LossTerms
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod
 
 
 @register

@@ -1,19 +1,14 @@
 """PFMM: progressive flow map matching (Boffi, Albergo & Vanden-Eijnden 2024, arXiv 2406.07507)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
-from flowmaps.methods.options import GridOptions, PairOptions, WeightingOptions, option, require
+from flowmaps.methods.options import GridOptions, PairOptions, WeightingOptions, option
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod
-from flowmaps.weighting import LossTerms
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod
 
 
 @register
@@ -39,11 +34,7 @@ class ProgressiveFlowMapMatching(SkeletonMethod):
 
     @dataclass
     class Options(PairOptions, WeightingOptions, GridOptions):
-        teacher_steps: int = option(2, "teacher jumps K composed into the target")
-
-        def check_group(self, method: str) -> None:
-            require(self.teacher_steps >= 1, method, "teacher_steps", "be a positive number of teacher jumps",
-                    self.teacher_steps)
+        teacher_steps: int = option(2, "teacher jumps K composed into the target", within="[1, inf)")
 
     def teacher_flow_map(self) -> Callable[..., torch.Tensor]:
         flow_map = getattr(self.teacher, "flow_map", None)

@@ -1,18 +1,13 @@
 """PSD: progressive self-distillation (Boffi, Albergo & Vanden-Eijnden 2025, arXiv 2505.18825), and PSD-M."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
-from flowmaps.methods.options import TargetOptions, TwoTimeOptions, choice, option
+from flowmaps.methods.options import TargetOptions, TwoTimeOptions, option
 from flowmaps.methods.registry import register, register_preset
-from flowmaps.methods.skeleton import SkeletonMethod
-from flowmaps.weighting import LossTerms
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod
 
 SPLITS = ("uniform", "midpoint")
 
@@ -40,10 +35,7 @@ class ProgressiveSelfDistillation(SkeletonMethod):
 
     @dataclass
     class Options(TwoTimeOptions, TargetOptions):
-        split: str = option("uniform", f"intermediate time u, one of {SPLITS}: u ~ U[t, s] or u = (s + t) / 2")
-
-        def check_group(self, method: str) -> None:
-            choice(method, "split", self.split, SPLITS)
+        split: str = option("uniform", "intermediate time u: u ~ U[t, s] or u = (s + t) / 2", choices=SPLITS)
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         x_s, s, t, cond = draw.x_s, draw.s, draw.t, draw.pair.cond

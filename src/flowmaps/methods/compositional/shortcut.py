@@ -1,23 +1,24 @@
 """Shortcut models (Frans, Hafner, Levine & Abbeel 2024, arXiv 2410.12557)."""
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flowmaps.methods.base import Batch, LossContext
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.options import (
-    DiagonalSplitOptions, DiagonalTargetOptions, GridOptions, TargetOptions, TimeOptions, WeightingOptions, option,
+    DiagonalSplitOptions,
+    DiagonalTargetOptions,
+    GridOptions,
+    TargetOptions,
+    TimeOptions,
+    WeightingOptions,
+    option,
     require,
 )
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod
+from flowmaps.methods.skeleton import Batch, Draw, LossContext, LossTerms, SkeletonMethod
 from flowmaps.time_args import expand_like
-from flowmaps.weighting import LossTerms
 
 
 @register

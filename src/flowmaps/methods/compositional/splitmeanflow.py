@@ -1,19 +1,14 @@
 """SplitMeanFlow: interval splitting consistency (Guo et al. 2025, arXiv 2507.16884)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.options import TargetOptions, TwoTimeOptions, option
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod
 from flowmaps.time_args import expand_like
-from flowmaps.weighting import LossTerms
 
 
 @register

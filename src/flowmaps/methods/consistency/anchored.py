@@ -10,8 +10,6 @@ where ``x_r`` comes from ``x_s`` by a teacher ODE step (CD) or from the same ``(
 rate, or the online weights). The draw's pair rows carry the interval: ``s`` and ``t = r``.
 """
 
-from __future__ import annotations
-
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -20,12 +18,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from flowmaps.methods.base import Batch, LossContext
-from flowmaps.methods.draw import Draw
-from flowmaps.methods.options import TargetOptions, TimeOptions, WeightingOptions, choice, option, require
-from flowmaps.methods.skeleton import SkeletonMethod
+from flowmaps.methods.options import TargetOptions, TimeOptions, WeightingOptions, option, require
+from flowmaps.methods.skeleton import Batch, Draw, LossContext, LossTerms, SkeletonMethod
 from flowmaps.time_args import expand_like
-from flowmaps.weighting import LossTerms
 
 STEP_WEIGHTINGS = ("uniform", "inverse_step")
 CURRICULA = ("fixed", "ct", "ict")
@@ -85,25 +80,20 @@ class AnchoredOptions(TimeOptions, WeightingOptions, TargetOptions):
 
     penalty_c: Optional[float] = option(None, "scale c of the robust penalty (None: iCT's 0.00054 sqrt(D))")
     target: str = option("ema", "target network (the method's own EMA, target_ema_decay)")
-    weighting: str = option("uniform", f"step weight, one of {STEP_WEIGHTINGS} (inverse_step: 1 / (s - r), iCT)")
-
-    def check_group(self, method: str) -> None:
-        choice(method, "weighting", self.weighting, STEP_WEIGHTINGS)
+    weighting: str = option("uniform", "step weight (inverse_step: 1 / (s - r), iCT)", choices=STEP_WEIGHTINGS)
 
 
 @dataclass
 class GridCurriculumOptions(AnchoredOptions):
     """The discretisation grid of CT and CD: ``N`` intervals, fixed or by a curriculum."""
 
-    curriculum: str = option("fixed", f"grid curriculum, one of {CURRICULA} (ct: Song et al. 2023; ict: doubling)")
+    curriculum: str = option("fixed", "grid curriculum (ct: Song et al. 2023; ict: doubling)", choices=CURRICULA)
     initial_steps: int = option(2, "intervals N at the start of the curriculum")
-    final_steps: int = option(150, "intervals N at the end of the curriculum (the fixed grid's N)")
+    final_steps: int = option(150, "intervals N at the end of the curriculum (the fixed grid's N)", within="[1, inf)")
 
     def check_group(self, method: str) -> None:
-        choice(method, "curriculum", self.curriculum, CURRICULA)
-        require(self.final_steps >= 1 and (self.curriculum == "fixed" or 1 <= self.initial_steps <= self.final_steps),
-                method, "initial_steps and final_steps",
-                "satisfy final_steps >= 1 and, for a curriculum, 1 <= initial_steps <= final_steps",
+        require(self.curriculum == "fixed" or 1 <= self.initial_steps <= self.final_steps,
+                method, "initial_steps and final_steps", "satisfy 1 <= initial_steps <= final_steps for a curriculum",
                 (self.initial_steps, self.final_steps))
 
 

@@ -1,17 +1,14 @@
 """CT: consistency training (Song, Dhariwal, Chen & Sutskever 2023), and the iCT recipe as a preset."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from flowmaps.methods.base import LossContext
 from flowmaps.methods.consistency.anchored import GridCellConsistency, GridCurriculumOptions, ct_target_decay
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.options import option
 from flowmaps.methods.registry import register, register_preset
+from flowmaps.methods.skeleton import Draw, LossContext
 
 
 @register
@@ -39,6 +36,7 @@ class ConsistencyTraining(GridCellConsistency):
     name = "ct"
     setting = "scratch"
     cost = 4
+    exact_limit = {"curriculum": "fixed", "final_steps": 256}  # conditional pairs: consistent as N grows
 
     @dataclass
     class Options(GridCurriculumOptions):

@@ -1,22 +1,15 @@
 """CTM: consistency trajectory models (Kim et al. 2024, arXiv 2310.02279)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from flowmaps.methods.base import Batch, LossContext, mean_square
 from flowmaps.methods.consistency.anchored import SOLVERS, teacher_step
-from flowmaps.methods.draw import Draw
-from flowmaps.methods.options import (
-    DiagonalSplitOptions, DiagonalTargetOptions, TargetOptions, TimeOptions, choice, option, require,
-)
+from flowmaps.methods.options import DiagonalSplitOptions, DiagonalTargetOptions, TargetOptions, TimeOptions, option
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod
-from flowmaps.weighting import LossTerms
+from flowmaps.methods.skeleton import Batch, Draw, LossContext, LossTerms, SkeletonMethod, mean_square
 
 
 def through_frozen_weights(
@@ -64,16 +57,12 @@ class ConsistencyTrajectory(SkeletonMethod):
     @dataclass
     class Options(TimeOptions, DiagonalSplitOptions, DiagonalTargetOptions, TargetOptions):
         diagonal_fraction: float = option(0.25, "share of the batch on the diagonal (denoising score matching)")
-        num_steps: int = option(18, "intervals N of the grid r = s - 1/N")
-        solver: str = option("heun", f"teacher ODE step, one of {SOLVERS}")
+        num_steps: int = option(18, "intervals N of the grid r = s - 1/N", within="[1, inf)")
+        solver: str = option("heun", "teacher ODE step", choices=SOLVERS)
         logit_mean: float = option(-1.1, "mean of the logit-normal times")
         logit_std: float = option(2.0, "std of the logit-normal times")
         target: str = option("ema", "target network of the target jump (the method's own EMA)")
         target_ema_decay: float = option(0.999, "decay of the EMA target (the paper's 0.999)")
-
-        def check_group(self, method: str) -> None:
-            choice(method, "solver", self.solver, SOLVERS)
-            require(self.num_steps >= 1, method, "num_steps", "be a positive number of grid intervals", self.num_steps)
 
     def pair_times(self, pair: Batch, generator: torch.Generator, ctx: LossContext,
                    progress: float) -> tuple[torch.Tensor, torch.Tensor]:

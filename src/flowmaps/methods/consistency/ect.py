@@ -1,17 +1,14 @@
 """ECT: easy consistency tuning (Geng, Pokle, Luo, Lin & Kolter 2024, arXiv 2406.14548)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flowmaps.methods.base import Batch, LossContext
 from flowmaps.methods.consistency.anchored import AnchoredConsistency, AnchoredOptions
-from flowmaps.methods.draw import Draw
-from flowmaps.methods.options import option, require
+from flowmaps.methods.options import option
 from flowmaps.methods.registry import register
+from flowmaps.methods.skeleton import Batch, Draw, LossContext
 
 
 @register
@@ -39,11 +36,12 @@ class EasyConsistencyTuning(AnchoredConsistency):
     cost = 4
     needs_teacher = True
     initializes_from_teacher = True
+    exact_limit = {"stages": 10}  # late stages: the step s - r shrinks to 9 / 2^9 of s
 
     @dataclass
     class Options(AnchoredOptions):
-        stages: int = option(6, "stages a of the shrinking step (equal shares of training)")
-        q: float = option(2.0, "step divisor q per stage")
+        stages: int = option(6, "stages a of the shrinking step (equal shares of training)", within="[1, inf)")
+        q: float = option(2.0, "step divisor q per stage", within="(1, inf)")
         time_distribution: str = option("logit_normal", "time distribution")
         logit_mean: float = option(-1.1, "mean of the logit-normal times")
         logit_std: float = option(2.0, "std of the logit-normal times")
@@ -51,10 +49,6 @@ class EasyConsistencyTuning(AnchoredConsistency):
         reduction: str = option("sum", "reduction over features of |R|^2 (pseudo-Huber on the L2 norm)")
         weighting: str = option("inverse_step", "step weight (the paper's 1 / (s - r))")
         target: str = option("online", "target network (the online weights under stop-gradient)")
-
-        def check_group(self, method: str) -> None:
-            require(self.stages >= 1 and self.q > 1, method, "stages and q", "satisfy stages >= 1 and q > 1",
-                    (self.stages, self.q))
 
     def stage(self, ctx: LossContext) -> int:
         """The stage ``a = floor(stages * step / total_steps)`` (at most ``stages - 1``)."""

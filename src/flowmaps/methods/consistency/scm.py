@@ -1,22 +1,15 @@
 """sCM: continuous-time consistency training (Lu & Song 2024, arXiv 2410.11081)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from flowmaps.jvp import flow_jvp
-from flowmaps.methods.base import LossContext, mean_square
 from flowmaps.methods.consistency.to_data import ToData
-from flowmaps.methods.draw import Draw
-from flowmaps.methods.options import JVPOptions, TimeOptions, choice, option, require
+from flowmaps.methods.options import JVPOptions, TimeOptions, option
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import TANGENT_NORMS, normalise_tangent
+from flowmaps.methods.skeleton import TANGENT_NORMS, Draw, LossContext, LossTerms, mean_square, normalise_tangent
 from flowmaps.time_args import expand_like
-from flowmaps.weighting import LossTerms
-
 
 
 @register
@@ -50,14 +43,12 @@ class ContinuousConsistency(ToData):
         time_distribution: str = option("logit_normal", "time distribution (the paper's log-normal noise levels)")
         logit_mean: float = option(-1.0, "mean of the logit-normal times")
         logit_std: float = option(1.4, "std of the logit-normal times")
-        tangent_norm_c: float = option(0.1, "c of the tangent normalisation g / (||g|| + c) (the paper's 0.1)")
-        tangent_norm: str = option("l2", f"norm of the tangent normalisation, one of {TANGENT_NORMS} (l2: the paper)")
-        tangent_warmup: float = option(0.1, "fraction of training over which the tangent warm-up w rises to 1")
-
-        def check_group(self, method: str) -> None:
-            require(self.tangent_norm_c > 0, method, "tangent_norm_c", "be positive", self.tangent_norm_c)
-            require(0 <= self.tangent_warmup <= 1, method, "tangent_warmup", "lie in [0, 1]", self.tangent_warmup)
-            choice(method, "tangent_norm", self.tangent_norm, TANGENT_NORMS)
+        tangent_norm_c: float = option(0.1, "c of the tangent normalisation g / (||g|| + c) (the paper's 0.1)",
+                                       within="(0, inf)")
+        tangent_norm: str = option("l2", "norm of the tangent normalisation (l2: the paper's; rms: FastGen's)",
+                                   choices=TANGENT_NORMS)
+        tangent_warmup: float = option(0.1, "fraction of training over which the tangent warm-up w rises to 1",
+                                       within="[0, 1]")
 
     def warmup_factor(self, ctx: LossContext) -> float:
         """The tangent warm-up ``w``: ``step / (tangent_warmup * total_steps)``, capped at 1."""

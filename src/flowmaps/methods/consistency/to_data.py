@@ -1,11 +1,8 @@
 """Continuous-time maps anchored at ``t = 0``: every pair row jumps ``(s, 0)`` (sCM, FACM)."""
 
-from __future__ import annotations
-
 import torch
 
-from flowmaps.methods.base import Batch, LossContext
-from flowmaps.methods.skeleton import SkeletonMethod
+from flowmaps.methods.skeleton import Batch, LossContext, SkeletonMethod
 
 
 class ToData(SkeletonMethod):

@@ -9,8 +9,6 @@ plain diffusion/flow-matching baseline, sampled with the ODE solvers of ``flowma
 instead (the stable target field, ``flowmaps.posterior_targets``).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from flowmaps.methods.options import DiagonalTargetOptions, TimeOptions

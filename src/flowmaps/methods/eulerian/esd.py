@@ -1,18 +1,13 @@
 """ESD: Eulerian self-distillation (Boffi, Albergo & Vanden-Eijnden 2025, arXiv 2505.18825)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from torch import nn
 
 from flowmaps.jvp import flow_jvp
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.options import JVPOptions, TargetOptions, TwoTimeOptions
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod, log_residual
-from flowmaps.weighting import LossTerms
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod, log_residual
 
 
 @register

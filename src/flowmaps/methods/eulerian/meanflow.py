@@ -1,19 +1,14 @@
 """MeanFlow (Geng, Deng, Bai, Kolter & He 2025, arXiv 2505.13447) and its paper presets."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from torch import nn
 
 from flowmaps.jvp import flow_jvp
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.options import JVPOptions, TwoTimeOptions, option
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod, log_residual
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod, log_residual
 from flowmaps.time_args import expand_like
-from flowmaps.weighting import LossTerms
 
 
 @register

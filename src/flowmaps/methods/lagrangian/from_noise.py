@@ -1,11 +1,8 @@
 """Data-free distillation from pure noise: the pair rows start at ``s = 1`` (PID, FreeFlow)."""
 
-from __future__ import annotations
-
 import torch
 
-from flowmaps.methods.base import Batch, LossContext
-from flowmaps.methods.skeleton import SkeletonMethod
+from flowmaps.methods.skeleton import Batch, LossContext, SkeletonMethod
 
 
 class FromNoise(SkeletonMethod):

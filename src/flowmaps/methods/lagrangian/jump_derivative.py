@@ -1,12 +1,10 @@
 """The Lagrangian family's one JVP: the jump ``F(x_s, s, t)`` and its time derivative ``d/dt F``."""
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 
 from flowmaps.jvp import flow_jvp
-from flowmaps.methods.draw import Draw
+from flowmaps.methods.skeleton import Draw
 
 
 def jump_and_derivative(model: nn.Module, draw: Draw, backend: str, grad: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,18 +1,13 @@
 """LMD: Lagrangian map distillation (Boffi, Albergo & Vanden-Eijnden 2024, arXiv 2406.07507)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from torch import nn
 
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.lagrangian.jump_derivative import jump_and_derivative
 from flowmaps.methods.options import JVPOptions, TwoTimeOptions, option
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod, log_residual
-from flowmaps.weighting import LossTerms
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod, log_residual
 
 
 @register

@@ -1,21 +1,23 @@
 """TVM: terminal velocity matching (Zhou, Parger, Haque & Song 2025, arXiv 2511.19797)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from torch import nn
 
-from flowmaps.methods.base import LossContext
-from flowmaps.methods.draw import Draw
 from flowmaps.methods.lagrangian.jump_derivative import jump_and_derivative
 from flowmaps.methods.options import (
-    DiagonalTargetOptions, GapCurriculumOptions, GridOptions, JVPOptions, PairOptions, TargetOptions,
-    WeightingOptions, option,
+    DiagonalTargetOptions,
+    GapCurriculumOptions,
+    GridOptions,
+    JVPOptions,
+    PairOptions,
+    TargetOptions,
+    WeightingOptions,
+    option,
 )
 from flowmaps.methods.registry import register
-from flowmaps.methods.skeleton import SkeletonMethod, log_residual
-from flowmaps.weighting import LossTerms, squared_norm
+from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod, log_residual
+from flowmaps.weighting import squared_norm
 
 
 @register
