@@ -91,3 +91,48 @@ def test_nan_data_file_is_reported(tmp_path, capsys):
 def test_missing_run_directory(tmp_path, capsys):
     assert main(["sample", str(tmp_path), "--out", str(tmp_path / "s.npy")]) == 2
     assert "not a flowmaps run directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def own_sampler_runs(tmp_path_factory):
+    """Tiny runs of a map trained only towards t = 0 (scm) and of one trained only from s = 1 (pid)."""
+    root = tmp_path_factory.mktemp("own-sampler")
+    assert main(["train", "--data", "8gaussians", "--method", "scm", "--out", str(root / "scm"), *TINY]) == 0
+    assert main(["train", "--data", "8gaussians", "--method", "pid", "--teacher", "exact", "--out",
+                 str(root / "pid"), *TINY]) == 0
+    return root
+
+
+def test_sample_uses_the_method_sampler_and_records_it(own_sampler_runs, tmp_path):
+    """``flowmaps sample`` on an scm run re-noises between steps (the consistency sampler), not composing
+    ``F``: its output equals the consistency sampler on the same noise and differs from the composition."""
+    from flowmaps.samplers import sample_consistency, sample_flow_map, time_grid
+
+    run = own_sampler_runs / "scm"
+    out = tmp_path / "s"
+    assert main(["sample", str(run), "--nfe", "3", "--n", "256", "--seed", "4", "--out", str(out)]) == 0
+    x = torch.from_numpy(np.load(tmp_path / "s.npy"))
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert meta["sampler"] == "consistency" == meta["method_sampler"] and meta["nfe"] == 3
+    model = flowmaps.load(run)
+    assert model.sampler == "consistency"
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn(256, 2, generator=gen)
+    with torch.no_grad():
+        expected = sample_consistency(model, noise, time_grid(3), generator=gen)
+        composed = sample_flow_map(model, noise, 3)
+        assert torch.allclose(flowmaps.sample(model, noise, 1), model(noise, 1.0, 0.0))
+    assert torch.allclose(x, expected) and not torch.allclose(x, composed, atol=1e-3)
+    assert main(["sample", str(run), "--nfe", "3", "--n", "256", "--seed", "4", "--sampler", "flow_map",
+                 "--out", str(tmp_path / "f.npy")]) == 0
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "f.npy")), composed)
+    assert json.loads((tmp_path / "f.json").read_text())["sampler"] == "flow_map"
+
+
+def test_sample_refuses_several_steps_of_a_one_step_map(own_sampler_runs, tmp_path, capsys):
+    run = own_sampler_runs / "pid"
+    assert main(["sample", str(run), "--nfe", "4", "--out", str(tmp_path / "p.npy")]) == 2
+    assert "one_step sampler takes at most 1 step" in capsys.readouterr().err
+    assert not (tmp_path / "p.npy").exists()
+    assert main(["sample", str(run), "--nfe", "1", "--n", "64", "--out", str(tmp_path / "p.npy")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["sampler"] == "one_step"

@@ -4,6 +4,7 @@ import torch
 from flowmaps.flow_map import FlowMap
 from flowmaps.oracle import ExactAverageVelocity
 from flowmaps.samplers import (
+    SAMPLERS, get_sampler,
     as_grid,
     invert,
     round_trip_error,
@@ -15,6 +16,7 @@ from flowmaps.samplers import (
     time_grid,
 )
 from tests.conftest import small_mixture
+from tests.methods.exact_checks import assert_exact_samples
 from tests.methods.exact_models import exact_model
 
 
@@ -163,3 +165,31 @@ def test_round_trip_error_sees_a_map_that_is_not_its_own_inverse(gaussian):
 def test_bad_sampler_arguments(exact_gaussian_map, call, msg):
     with pytest.raises(ValueError, match=msg):
         call(exact_gaussian_map, torch.zeros(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_registered_sampler_reproduces_the_exact_map(name):
+    """Driven by the sampler registry: one step is the exact ``F(eps, 1, 0)``; a deterministic sampler's
+    several steps compose exact jumps into the exact map; a stochastic one gives exact data samples."""
+    from flowmaps.oracle import GaussianMixture
+
+    target = GaussianMixture([0.6, 0.4], [[-1.0, 0.5], [1.0, -0.5]], [[0.3, 0.2], [0.2, 0.4]])
+    model, sampler = FlowMap(ExactAverageVelocity(target)), SAMPLERS[name]
+    noise = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ones = torch.ones(4000, dtype=torch.float64)
+    exact = target.flow_map(noise, ones, 0 * ones)
+    assert torch.allclose(sampler.sample(model, noise, 1, schedule=target.schedule), exact, atol=1e-5)
+    if sampler.max_steps is not None:
+        with pytest.raises(ValueError, match=f"at most {sampler.max_steps} step"):
+            sampler.sample(model, noise, sampler.max_steps + 1)
+        return
+    several = sampler.sample(model, noise, 4, schedule=target.schedule, generator=torch.Generator().manual_seed(1))
+    if sampler.deterministic:
+        assert torch.allclose(several, exact, atol=1e-5)
+    else:
+        assert_exact_samples(several, target)
+
+
+def test_unknown_sampler_names_the_choices():
+    with pytest.raises(ValueError, match="unknown sampler 'magic'; choose one of"):
+        get_sampler("magic")

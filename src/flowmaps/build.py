@@ -14,9 +14,15 @@ import torch
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import build_method
-from flowmaps.nets import MLP
+from flowmaps.nets import backbone_names, build_backbone
 from flowmaps.schedules import get_schedule
 from flowmaps.train.config import Config, ConfigError, parse_config, read_config_file
+
+
+def check_backbone(cfg: Config) -> None:
+    """``cfg.model.backbone`` must be a registered backbone."""
+    if cfg.model.backbone not in backbone_names():
+        raise ConfigError(f"model.backbone must be one of {backbone_names()}; got {cfg.model.backbone!r}")
 
 
 def check_method(cfg: Config) -> None:
@@ -32,6 +38,7 @@ def check_method(cfg: Config) -> None:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """A ``Config`` from nested dictionaries (missing keys take defaults), schema and method options checked."""
     cfg = parse_config(values)
+    check_backbone(cfg)
     check_method(cfg)
     return cfg
 
@@ -42,10 +49,8 @@ def load_config(path: Union[str, Path]) -> Config:
 
 
 def build_model(cfg: Config, dim: int) -> FlowMap:
-    """A ``FlowMap`` over an ``MLP`` backbone for ``dim``-dimensional data."""
-    m = cfg.model
-    return FlowMap(MLP(dim, width=m.width, depth=m.depth, num_freqs=m.num_freqs, max_freq=m.max_freq,
-                       x_features=m.x_features, x_scale=m.x_scale))
+    """A ``FlowMap`` over the ``model.backbone`` network for ``dim``-dimensional data."""
+    return FlowMap(build_backbone(cfg.model, dim))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,13 +28,12 @@ the flow-map error against the exact map, and network-evaluation (NFE) counting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from flowmaps.oracle import GaussianMixture
+from flowmaps.oracle import GaussianMixture
 
 
 def _as_2d(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -343,7 +343,19 @@ class OneStepSampler(Sampler):
         return sample_flow_map(model, noise, 1, cond)
 
 
-SAMPLERS: dict[str, Sampler] = {s.name: s for s in (FlowMapSampler(), ConsistencySampler(), OneStepSampler())}
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(sampler: Sampler) -> Sampler:
+    """Make ``sampler`` available by its ``name`` (``Method.sampler``, ``flowmaps sample --sampler``)."""
+    if not sampler.name or sampler.name in SAMPLERS:
+        raise ValueError(f"sampler name {sampler.name!r} is empty or already registered")
+    SAMPLERS[sampler.name] = sampler
+    return sampler
+
+
+for _sampler in (FlowMapSampler(), ConsistencySampler(), OneStepSampler()):
+    register_sampler(_sampler)
 
 
 def get_sampler(name: str) -> Sampler:

@@ -73,3 +73,16 @@ def assert_fixed_point(method: Method, target, batches: int = 8, n: int = 10000,
     band = 3 * exact.std() / batches**0.5 + 1e-3 * abs(wrong.mean())
     assert abs(exact.mean()) < band, (exact.mean(), band)
     assert abs(wrong.mean()) > max(5 * wrong.std() / batches**0.5, abs(exact.mean()) + band), (exact, wrong)
+
+
+def assert_exact_samples(x: torch.Tensor, target, pairs: int = 5) -> None:
+    """``x`` is distributed as ``target``: its energy distance to exact samples is within twice the
+    largest distance between ``pairs`` pairs of independent exact samples of the same size (a floor
+    robust to the binomial noise of a mixture's component counts)."""
+    from flowmaps.metrics import energy_distance
+
+    n = x.shape[0]
+    reference = target.sample(n, torch.Generator().manual_seed(10_000)).double()
+    floors = [energy_distance(target.sample(n, torch.Generator().manual_seed(10_001 + k)).double(), reference)
+              for k in range(pairs)]
+    assert energy_distance(x.double(), reference) < 2 * max(floors), (energy_distance(x.double(), reference), floors)

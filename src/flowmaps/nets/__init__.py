@@ -2,5 +2,6 @@
 
 from flowmaps.nets.embeddings import FourierTimeEmbedding
 from flowmaps.nets.mlp import MLP
+from flowmaps.nets.registry import backbone_names, build_backbone, register_backbone
 
-__all__ = ["MLP", "FourierTimeEmbedding"]
+__all__ = ["MLP", "FourierTimeEmbedding", "backbone_names", "build_backbone", "register_backbone"]

@@ -33,6 +33,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    backbone: str = "mlp"  # a registered backbone (flowmaps.nets.registry); the keys below are the MLP's
     width: int = 256
     depth: int = 3
     num_freqs: int = 0
