@@ -159,7 +159,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from flowmaps.methods import describe_methods, method_options, option_docs
+    from flowmaps.methods import describe_methods, get_method_class, method_options, option_docs
 
     if args.name:
         defaults, docs = method_options(args.name), option_docs(args.name)
@@ -168,6 +168,8 @@ def _methods(args: argparse.Namespace) -> int:
               f"sampler {row['sampler']}\n\n{'option':<22}{'default':<22}meaning")
         for key in sorted(defaults):
             print(f"{key:<22}{str(defaults[key]):<22}{docs.get(key, '')}")
+        for preset, values in get_method_class(args.name).presets.items():
+            print(f"preset {preset}: {values}")
         return 0
     rows = describe_methods()
     print(f"{'name':<15}{'rule':<15}{'setting':<19}{'cost':>5}  {'sampler':<13}summary")

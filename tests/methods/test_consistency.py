@@ -9,6 +9,7 @@ from flowmaps.flow_map import FlowMap
 from flowmaps.methods import Batch, LossContext, build_method, get_method_class
 from flowmaps.methods.consistency.anchored import ct_num_steps, ct_target_decay, ict_num_steps
 from flowmaps.nets import MLP
+from flowmaps.oracle import Gaussian
 from flowmaps.teachers import ExactTeacher, FlowMapTeacher
 from tests.methods.exact_checks import (
     assert_rejects,
@@ -379,3 +380,29 @@ def test_ctm_frozen_map_under_ddp_reduces_every_gradient_once(tmp_path):
             assert sum(reduced) == len(list(plain.parameters()))
     finally:
         dist.destroy_process_group()
+
+
+def test_scm_and_ayf_normalise_the_tangent_by_its_l2_norm_on_high_dimensional_input():
+    """sCM's Algorithm 1 (and AYF): ``g / (||g||_2 + c)``, the L2 norm over all 784 features of an
+    example, not the RMS: the normalised tangent has L2 norm below 1, so the pseudo-loss (its mean square
+    over features) is below 1 / D; the ``rms`` option keeps it near 1."""
+    from flowmaps.methods.skeleton import normalise_tangent
+    from flowmaps.schedules import LinearSchedule
+
+    d = 784
+    g = 3.0 * torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    l2, rms = normalise_tangent(g, 0.1), normalise_tangent(g, 0.1, "rms")
+    norms = g.flatten(1).norm(dim=1)
+    assert torch.allclose(l2.flatten(1).norm(dim=1), norms / (norms + 0.1))
+    assert torch.allclose(rms.flatten(1).pow(2).mean(dim=1).sqrt(), (norms / d**0.5) / (norms / d**0.5 + 0.1))
+    torch.manual_seed(0)
+    model = FlowMap(MLP(d, width=32, depth=1))
+    batch = Batch(torch.randn(64, d, generator=torch.Generator().manual_seed(1)))
+    losses = {}
+    for norm in ("l2", "rms"):
+        method = build_method("scm", LinearSchedule(), tangent_norm=norm, tangent_warmup=0.0)
+        losses[norm] = float(method.loss(model, batch, torch.Generator().manual_seed(2)).terms["consistency"])
+    assert losses["l2"] < 1 / d and 0.5 < losses["rms"] <= 1.0, losses
+    teacher = ExactTeacher(Gaussian(torch.zeros(d), torch.ones(d)))
+    ayf = build_method("ayf-emd", LinearSchedule(), teacher=teacher)
+    assert float(ayf.loss(model, batch, torch.Generator().manual_seed(3)).terms["eulerian"]) < 1 / d

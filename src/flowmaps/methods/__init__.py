@@ -7,13 +7,7 @@ import pkgutil
 
 from flowmaps.methods.base import Batch, LossContext, LossOutput, Method
 from flowmaps.methods.registry import (
-    build_method,
-    describe_methods,
-    get_method_class,
-    method_names,
-    method_options,
-    option_docs,
-    register,
+    build_method, describe_methods, get_method_class, method_names, method_options, option_docs, register,
     register_preset,
 )
 

@@ -261,6 +261,15 @@ class TwoTimeOptions(PairOptions, DiagonalSplitOptions, GapCurriculumOptions, We
     add ``JVPOptions``."""
 
 
+@dataclass
+class DistillationOptions(TwoTimeOptions):
+    """A two-time distillation method's: every row on the rule by default, diagonal rows (if any) on the
+    teacher's velocity."""
+
+    diagonal_fraction: float = option(0.0, "share of the batch on the diagonal, regressed on the teacher")
+    diagonal_target: str = option("teacher", "diagonal target (the teacher's velocity by default)")
+
+
 def pair_sampler(options: Options, diagonal_fraction: float = 0.0) -> TimePairSampler:
     """The ``TimePairSampler`` of ``options``: the groups it inherits set its arguments; ``diagonal_fraction``
     is the method's fixed share when its options have no ``DiagonalSplitOptions``."""
@@ -280,5 +289,5 @@ def pair_sampler(options: Options, diagonal_fraction: float = 0.0) -> TimePairSa
 __all__ = [
     "Options", "option", "require", "TimeOptions", "PairOptions", "DiagonalSplitOptions",
     "GapCurriculumOptions", "WeightingOptions", "DiagonalTargetOptions", "JVPOptions", "TargetOptions",
-    "GridOptions", "TwoTimeOptions", "pair_sampler", "TARGET_KINDS", "GRID_TARGETS",
+    "GridOptions", "TwoTimeOptions", "DistillationOptions", "pair_sampler", "TARGET_KINDS", "GRID_TARGETS",
 ]

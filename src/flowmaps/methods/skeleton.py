@@ -31,13 +31,7 @@ from flowmaps.methods.base import AuxiliaryNetwork, Batch, LossContext, LossOutp
 from flowmaps.methods.draw import AuxiliaryTerm, Draw, progress
 from flowmaps.methods.grid_distillation import GridDistillation
 from flowmaps.methods.options import (
-    DiagonalTargetOptions,
-    GridOptions,
-    JVPOptions,
-    Options,
-    TargetOptions,
-    WeightingOptions,
-    pair_sampler,
+    DiagonalTargetOptions, GridOptions, JVPOptions, Options, TargetOptions, WeightingOptions, pair_sampler,
 )
 from flowmaps.methods.targets import TargetNetwork
 from flowmaps.posterior_targets import diagonal_velocity_target

@@ -7,13 +7,7 @@ import torch
 from torch import nn
 
 from flowmaps.methods.options import (
-    DiagonalSplitOptions,
-    DiagonalTargetOptions,
-    GridOptions,
-    TargetOptions,
-    TimeOptions,
-    WeightingOptions,
-    option,
+    DiagonalSplitOptions, DiagonalTargetOptions, GridOptions, TargetOptions, TimeOptions, WeightingOptions, option,
     require,
 )
 from flowmaps.methods.registry import register

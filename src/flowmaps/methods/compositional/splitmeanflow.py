@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flowmaps.methods.options import TargetOptions, TwoTimeOptions, option
+from flowmaps.methods.options import DistillationOptions, TargetOptions, option
 from flowmaps.methods.registry import register
 from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod
 from flowmaps.time_args import expand_like
@@ -37,9 +37,8 @@ class SplitMeanFlow(SkeletonMethod):
     needs_teacher = True
 
     @dataclass
-    class Options(TwoTimeOptions, TargetOptions):
+    class Options(DistillationOptions, TargetOptions):
         diagonal_fraction: float = option(0.5, "share of the batch on the diagonal, regressed on the teacher")
-        diagonal_target: str = option("teacher", "diagonal target (the teacher's velocity)")
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         x_s, s, t, cond = draw.x_s, draw.s, draw.t, draw.pair.cond

@@ -4,12 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowmaps.methods.consistency.anchored import (
-    SOLVERS,
-    GridCellConsistency,
-    GridCurriculumOptions,
-    teacher_step,
-)
+from flowmaps.methods.consistency.anchored import SOLVERS, GridCellConsistency, GridCurriculumOptions, teacher_step
 from flowmaps.methods.options import option
 from flowmaps.methods.registry import register
 from flowmaps.methods.skeleton import Draw

@@ -6,16 +6,10 @@ import torch
 from torch import nn
 
 from flowmaps.jvp import flow_jvp
-from flowmaps.methods.options import JVPOptions, TwoTimeOptions, option
+from flowmaps.methods.options import DistillationOptions, JVPOptions, option
 from flowmaps.methods.registry import register
 from flowmaps.methods.skeleton import (
-    Draw,
-    LossContext,
-    LossTerms,
-    SkeletonMethod,
-    log_residual,
-    normalise_tangent,
-    semigradient,
+    Draw, LossContext, LossTerms, SkeletonMethod, log_residual, normalise_tangent, semigradient,
 )
 from flowmaps.time_args import expand_like
 
@@ -44,10 +38,8 @@ class AYFEMD(SkeletonMethod):
     needs_teacher = True
 
     @dataclass
-    class Options(TwoTimeOptions, JVPOptions):
+    class Options(DistillationOptions, JVPOptions):
         tangent_norm_c: float = option(0.1, "c of the tangent normalisation g / (|g|_2 + c) (0: off; sCM, AYF)", within="[0, inf)")
-        diagonal_fraction: float = option(0.0, "share of the batch on the diagonal, regressed on the teacher")
-        diagonal_target: str = option("teacher", "diagonal target (the teacher's velocity)")
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         x_s, s, t, cond = draw.x_s, draw.s, draw.t, draw.pair.cond

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from flowmaps.jvp import flow_jvp
-from flowmaps.methods.options import JVPOptions, TwoTimeOptions, option
+from flowmaps.methods.options import DistillationOptions, JVPOptions
 from flowmaps.methods.registry import register
 from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod
 from flowmaps.weighting import row_norm
@@ -30,9 +30,8 @@ class EMD(SkeletonMethod):
     needs_teacher = True
 
     @dataclass
-    class Options(TwoTimeOptions, JVPOptions):
-        diagonal_fraction: float = option(0.0, "share of the batch on the diagonal, regressed on the teacher")
-        diagonal_target: str = option("teacher", "diagonal target (the teacher's velocity)")
+    class Options(DistillationOptions, JVPOptions):
+        """The two-time groups of a distillation method and the JVP backend; no options of its own."""
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         with torch.no_grad():

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from flowmaps.methods.lagrangian.jump_derivative import jump_and_derivative
-from flowmaps.methods.options import JVPOptions, TwoTimeOptions, option
+from flowmaps.methods.options import DistillationOptions, JVPOptions
 from flowmaps.methods.registry import register
 from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod, log_residual
 
@@ -31,9 +31,8 @@ class LMD(SkeletonMethod):
     needs_teacher = True
 
     @dataclass
-    class Options(TwoTimeOptions, JVPOptions):
-        diagonal_fraction: float = option(0.0, "share of the batch on the diagonal, regressed on the teacher")
-        diagonal_target: str = option("teacher", "diagonal target (the teacher's velocity)")
+    class Options(DistillationOptions, JVPOptions):
+        """The two-time groups of a distillation method and the JVP backend; no options of its own."""
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         jump, d_jump_dt = jump_and_derivative(model, draw, self.jvp_backend, grad="full")

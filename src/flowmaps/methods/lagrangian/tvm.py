@@ -6,14 +6,8 @@ from torch import nn
 
 from flowmaps.methods.lagrangian.jump_derivative import jump_and_derivative
 from flowmaps.methods.options import (
-    DiagonalTargetOptions,
-    GapCurriculumOptions,
-    GridOptions,
-    JVPOptions,
-    PairOptions,
-    TargetOptions,
-    WeightingOptions,
-    option,
+    DiagonalTargetOptions, GapCurriculumOptions, GridOptions, JVPOptions, PairOptions, TargetOptions,
+    WeightingOptions, option,
 )
 from flowmaps.methods.registry import register
 from flowmaps.methods.skeleton import Draw, LossContext, LossTerms, SkeletonMethod, log_residual
