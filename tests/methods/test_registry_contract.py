@@ -116,8 +116,9 @@ def test_an_interrupted_run_resumes_bit_identically(name, runs):
     full = train(cfg, root / name / "full", progress=False, evaluate_at_end=False).run_dir
     cut = root / name / "cut"
     shutil.copytree(full, cut)
-    for later in sorted((cut / "checkpoints").glob("step-*"))[1:]:  # keep only the checkpoint of step 3
-        shutil.rmtree(later)
+    checkpoints = sorted((cut / "checkpoints").glob("step_*"))
+    assert [p.name for p in checkpoints] == ["step_00000003", "step_00000006"], checkpoints
+    shutil.rmtree(checkpoints[1])  # the run now ends at its step-3 checkpoint: 3 more steps to redo
     for final in ("model.safetensors", "model_ema.safetensors"):
         (cut / final).unlink()
     train(cfg, cut, progress=False, evaluate_at_end=False, resume=True)

@@ -22,6 +22,7 @@ formula reduces to flow matching there).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -111,11 +112,11 @@ class SkeletonMethod(Method):
         except ValueError as err:
             raise ValueError(f"method {self.name!r}: {err}") from err
 
-    # ----- randomness --------------------------------------------------------------------------
     def target_decay(self, ctx: LossContext) -> Optional[float]:
         """The EMA target's rate at this point of training (``None``: the configured one)."""
         return None
 
+    # ----- randomness --------------------------------------------------------------------------
     def pair_times(self, pair: Batch, generator: torch.Generator, ctx: LossContext,
                    progress: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, t)`` of the pair rows; default: the ``TimePairSampler`` with its curriculum."""
@@ -129,11 +130,9 @@ class SkeletonMethod(Method):
         t_diag = self.pairs.times(n_diag, generator, x0.device).to(x0.dtype)
         pair = batch.take(slice(n_diag, None))
         s, t = (v.to(x0.dtype) for v in self.pair_times(pair, generator, ctx, p))
-        return Draw(
-            generator=generator, batch=batch, size=size, progress=p, diag=batch.take(slice(0, n_diag)), t_diag=t_diag,
-            eps_diag=eps[:n_diag], pair=pair, s=s, t=t, eps=eps[n_diag:],
-            x_s=self.schedule.sample_xt(pair.x0, eps[n_diag:], s),
-        )
+        return Draw(generator=generator, batch=batch, size=size, progress=p, diag=batch.take(slice(0, n_diag)),
+                    t_diag=t_diag, eps_diag=eps[:n_diag], pair=pair, s=s, t=t, eps=eps[n_diag:],
+                    x_s=self.schedule.sample_xt(pair.x0, eps[n_diag:], s))
 
     @staticmethod
     def joined(draw: Draw, schedule: Schedule) -> Draw:
@@ -141,9 +140,7 @@ class SkeletonMethod(Method):
         there); ``n_diag`` still counts them."""
         s, t = torch.cat([draw.t_diag, draw.s]), torch.cat([draw.t_diag, draw.t])
         eps = torch.cat([draw.eps_diag, draw.eps])
-        return Draw(generator=draw.generator, batch=draw.batch, size=draw.size, progress=draw.progress, diag=draw.diag, t_diag=draw.t_diag,
-                    eps_diag=draw.eps_diag, pair=draw.batch, s=s, t=t, eps=eps,
-                    x_s=schedule.sample_xt(draw.batch.x0, eps, s))
+        return dataclasses.replace(draw, pair=draw.batch, s=s, t=t, eps=eps, x_s=schedule.sample_xt(draw.batch.x0, eps, s))
 
     # ----- the diagonal ------------------------------------------------------------------------
     def diagonal_velocity(self, x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
