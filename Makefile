@@ -12,7 +12,12 @@ PYTHON ?= python3
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the tests also cover the extras (TensorBoard logging)
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,tensorboard]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,5 +25,5 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/flowmaps train --out runs/demo --overwrite
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

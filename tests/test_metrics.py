@@ -1,5 +1,7 @@
 """Metrics: near zero on two samples of one distribution, clearly positive on different ones."""
 
+import math
+
 import pytest
 import torch
 
@@ -168,3 +170,22 @@ def test_nfe_counter_counts_network_calls():
         counter.reset()
         sample_ode(counter, noise, 5, "euler")
         assert counter.calls == 5
+
+
+def test_the_two_checkerboard_estimators_and_their_floors():
+    """``exact`` integrates the density over each bin; ``midpoint`` takes it at the bin's centre. Both
+    are distributions over the 50 x 50 grid; exact samples sit at the exact estimator's floor
+    (``log(1 + B / 2N)``) and far higher under the midpoint one, whose straddling bins are biased."""
+    from flowmaps.data import get_data
+
+    exact, mid = metrics.checkerboard_bin_probs(50), metrics.checkerboard_bin_probs(50, estimator="midpoint")
+    assert abs(float(exact.sum()) - 1) < 1e-12 and abs(float(mid.sum()) - 1) < 1e-12
+    assert set(torch.unique(mid).tolist()) == {0.0, 1 / 1252}  # 1252 centres in filled squares
+    assert float((exact - mid).abs().max()) > 0 and bool(((exact == 0) <= (mid == 0)).all())
+    samples = get_data("checkerboard").sample(65536, torch.Generator().manual_seed(0))
+    floor_exact = metrics.histogram_kl(exact, samples)
+    floor_mid = metrics.histogram_kl(mid, samples)
+    assert abs(floor_exact - math.log(1 + 2500 / (2 * 65536))) < 0.004
+    assert 0.065 < floor_mid < 0.08 and floor_mid > 3 * floor_exact
+    with pytest.raises(ValueError, match="unknown histogram estimator"):
+        metrics.checkerboard_bin_probs(50, estimator="centre")

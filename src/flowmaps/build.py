@@ -16,6 +16,7 @@ from flowmaps.flow_map import FlowMap
 from flowmaps.methods import build_method
 from flowmaps.nets import backbone_names, build_backbone
 from flowmaps.schedules import get_schedule
+from flowmaps.train import tensorboard
 from flowmaps.train.config import Config, ConfigError, parse_config, read_config_file
 
 
@@ -40,6 +41,11 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     cfg = parse_config(values)
     check_backbone(cfg)
     check_method(cfg)
+    if cfg.train.tensorboard:
+        try:
+            tensorboard.check_available()
+        except ImportError as err:
+            raise ConfigError(str(err)) from err
     return cfg
 
 

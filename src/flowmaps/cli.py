@@ -199,6 +199,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from flowmaps.report import write_report
+
+    if (args.run_dir is None) == (args.bench is None):
+        raise ValueError("flowmaps report takes a run directory or --bench DIR (one of them)")
+    path = write_report(Path(args.bench if args.bench else args.run_dir), bench=args.bench is not None)
+    print(f"flowmaps: wrote {path}")
+    return 0
+
+
 def _name_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -258,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training runs at once, each in its own process with one torch thread (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("report", help="(re)write the self-contained report.html of a run or a bench directory")
+    p.add_argument("run_dir", nargs="?", help="a run directory")
+    p.add_argument("--bench", metavar="DIR", help="a bench directory instead of a run")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("methods", help="list training methods with their rule, setting, cost and sampler; "
                                        "with a NAME, that method's options with their defaults and meaning")

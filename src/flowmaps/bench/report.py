@@ -28,14 +28,16 @@ from typing import Optional
 import torch
 
 from flowmaps.bench.runner import EXACT_ODE, FLOOR, FLOW_MAP, BenchResult, Row
+from flowmaps.report import write_report as write_html_report
 
-TABLE_METRICS = ("energy_distance", "hist_kl")
+TABLE_METRICS = ("energy_distance", "hist_kl", "hist_kl_midpoint")
 PLOT_METRICS = ("energy_distance", "sliced_w2", "mmd", "hist_kl")
 METRIC_TITLES = {
     "energy_distance": "energy distance",
     "sliced_w2": "sliced W2",
     "mmd": "MMD^2",
-    "hist_kl": "histogram KL (50x50)",
+    "hist_kl": "histogram KL (50x50, exact-bin estimator)",
+    "hist_kl_midpoint": "histogram KL (50x50, midpoint estimator)",
     "flow_map_error": "flow-map error",
     "composition_error": "composition error",
 }
@@ -263,4 +265,5 @@ def write_report(result: BenchResult, out_dir: Path) -> str:
             plot_sample_grid(grid, out_dir / f"samples_{stem}.png", title=f"{dataset}, seed {result.config.seeds[0]}")
     (out_dir / "bench.json").write_text(json.dumps({"config": result.config.to_dict(), "seconds": round(result.seconds, 1),
                                                     "notes": result.notes}, indent=2))
+    write_html_report(out_dir, bench=True)
     return text

@@ -66,6 +66,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimiser step and process (global batch = batch_size)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the network on CUDA (loss and tangents stay fp32)
     compile: bool = False  # torch.compile the network (checked against eager JVP tangents at start)
+    tensorboard: bool = False  # also log to RUN_DIR/tensorboard (pip install 'flowmaps[tensorboard]')
 
 
 @dataclass

@@ -33,6 +33,7 @@ from flowmaps.data import get_data
 from flowmaps.evaluation import evaluate, metrics_table
 from flowmaps.methods import LossContext, LossOutput, build_method
 from flowmaps.plots import plot_panels
+from flowmaps.report import write_report
 from flowmaps.schedules import get_schedule
 from flowmaps.teachers import load_teacher
 from flowmaps.train.auxiliary import AuxiliaryNetworks
@@ -44,6 +45,7 @@ from flowmaps.train.distributed import DistributedContext, ShardedBatches, StopR
 from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceError, DivergenceGuard, diagnose, summarize
 from flowmaps.train.precision import compile_model, grad_scaler, with_precision
+from flowmaps.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger("flowmaps.train")
 LOG_FILE = "train_log.jsonl"
@@ -159,6 +161,7 @@ class Trainer:
         self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
         self.guard = DivergenceGuard(cfg.guard)
         self.log = RunLog(self.out_dir / LOG_FILE, dist_ctx.is_main)
+        self.tensorboard = TensorBoardLog(self.out_dir) if cfg.train.tensorboard and dist_ctx.is_main else None
         self.step = 0  # optimiser steps done
         self.first_step = 0
         self.interval = torch.zeros(2, device=device)  # loss sum and count of healthy steps since the last checkpoint
@@ -390,6 +393,8 @@ class Trainer:
         if result.status == "overflow":
             record["event"] = "fp16_overflow"
         self.log.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, record)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -437,6 +442,11 @@ class Trainer:
         summary = {"method": self.method.name, "data": self.data.name, "steps": self.cfg.train.steps,
                    "train_seconds": round(train_seconds, 2), "samplers": results}
         (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        if evaluate_at_end:
+            write_report(self.out_dir)
+        if self.tensorboard is not None:
+            self.tensorboard.summary(self.step, results, self.out_dir / "samples.png")
+            self.tensorboard.close()
         return RunResult(self.out_dir, summary, train_seconds)
 
     def _info(self, message: str) -> None:
