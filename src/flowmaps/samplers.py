@@ -15,7 +15,8 @@
 Each method names the sampler its maps are drawn with (``Method.sampler``), one of ``SAMPLERS``:
 ``flow_map`` (``FlowMapSampler``: compose ``F``), ``consistency`` (``ConsistencySampler``: maps
 trained only towards ``t = 0``) and ``one_step`` (``OneStepSampler``: maps trained only from
-``s = 1``, one step alone). Training evaluation, ``flowmaps bench``, ``flowmaps sample`` and
+``s = 1``, one step alone) and ``ode`` (``ODESampler``: Euler steps of the diagonal, for diffusion
+models). Training evaluation, ``flowmaps bench``, ``flowmaps sample`` and
 ``sample(model, ...)`` on a ``flowmaps.load``-ed model all call the method's own.
 
 Samplers add no ``torch.no_grad``: callers choose (reward steering differentiates through them).
@@ -266,6 +267,8 @@ class Sampler(ABC):
     max_steps: ClassVar[Optional[int]] = None
     # whether the samples are a function of the noise alone (no fresh noise between steps)
     deterministic: ClassVar[bool] = True
+    # whether the exact map gives exact samples at every step count (else only as the steps grow)
+    exact_at_every_step_count: ClassVar[bool] = True
 
     def check_steps(self, steps: int) -> None:
         """``ValueError`` unless ``steps`` is a positive integer this sampler supports."""
@@ -343,6 +346,26 @@ class OneStepSampler(Sampler):
         return sample_flow_map(model, noise, 1, cond)
 
 
+class ODESampler(Sampler):
+    """Euler steps of the diagonal ``dx/dt = V(x, t, t)`` on the grid (``sample_ode``): the sampler of a
+    diffusion model (``fm``), whose off-diagonal is untrained. It converges to the exact map as the
+    steps grow (first order), rather than being exact at every step count."""
+
+    name = "ode"
+    ode_baseline = True
+    exact_at_every_step_count = False
+
+    def sample(self, model: nn.Module, noise: torch.Tensor, steps: int, cond: Optional[torch.Tensor] = None,
+               rho: float = 1.0, schedule: Optional[Schedule] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        self.check_steps(steps)
+        return sample_ode(model, noise, time_grid(steps, noise.device, noise.dtype, rho), "euler", cond)
+
+    def label(self, steps: int, rho: float = 1.0) -> str:
+        grid = f" (grid rho {rho:g})" if rho != 1 else ""
+        return f"ODE euler, {steps} step{'s' if steps > 1 else ''}{grid}"
+
+
 SAMPLERS: dict[str, Sampler] = {}
 
 
@@ -354,7 +377,7 @@ def register_sampler(sampler: Sampler) -> Sampler:
     return sampler
 
 
-for _sampler in (FlowMapSampler(), ConsistencySampler(), OneStepSampler()):
+for _sampler in (FlowMapSampler(), ConsistencySampler(), OneStepSampler(), ODESampler()):
     register_sampler(_sampler)
 
 

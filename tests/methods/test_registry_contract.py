@@ -137,10 +137,14 @@ def test_the_method_sampler_reproduces_the_exact_map(name):
     model = exact_model(target)
     sampler = get_sampler(get_method_class(name).sampler)
     noise = torch.randn(3000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = target.flow_map(noise, torch.ones(3000, dtype=torch.float64), torch.zeros(3000, dtype=torch.float64))
     with torch.no_grad():
+        if not sampler.exact_at_every_step_count:  # an ODE sampler: first-order convergence to the exact map
+            errors = [float((sampler.sample(model, noise, k) - exact).norm(dim=1).mean()) for k in (64, 256)]
+            assert errors[1] < 0.35 * errors[0] and errors[1] < 0.02, errors
+            return
         one = sampler.sample(model, noise, 1, schedule=target.schedule)
-        assert torch.allclose(one, target.flow_map(noise, torch.ones(3000, dtype=torch.float64),
-                                                   torch.zeros(3000, dtype=torch.float64)), atol=1e-5)
+        assert torch.allclose(one, exact, atol=1e-5)
         if sampler.max_steps is None:
             four = sampler.sample(model, noise, 4, schedule=target.schedule, generator=torch.Generator().manual_seed(1))
             if sampler.deterministic:  # composing exact jumps gives the exact map

@@ -25,6 +25,7 @@ class FlowMatching(SkeletonMethod):
     setting = "scratch"
     cost = 3
     diagonal_fraction = 1.0
+    sampler = "ode"  # the diagonal is the only trained part of the map
 
     @dataclass
     class Options(TimeOptions, DiagonalTargetOptions):
