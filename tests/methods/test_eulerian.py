@@ -38,8 +38,8 @@ def test_residual_and_gradient_vanish_at_exact_map(gaussian, name):
 
 
 @pytest.mark.parametrize("name,options", [
-    ("meanflow", {}), ("meanflow", dict(adaptive_p=0.0)), ("meanflow", dict(preset="cifar10")),
-    ("imf", {}), ("imf", dict(adaptive_p=0.0)),
+    ("meanflow", {}), ("meanflow", dict(preset="imagenet")), ("meanflow", dict(preset="cifar10")),
+    ("imf", {}), ("imf", dict(preset="paper")),
     ("soflow", dict(velocity="conditional", step_start=0.01, step_end=0.01)),
     ("esd", dict(diagonal_fraction=1.0)),
 ])
