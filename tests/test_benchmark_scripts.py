@@ -45,7 +45,7 @@ def test_checkerboard_record_trains_scores_and_writes_its_files(tmp_path, capsys
     assert curve[0].startswith("step,train_seconds,kl_1") and len(curve) >= 3  # a snapshot and the final row
     assert curve[0].endswith("kl_mid_16_rho") and "kl_mid_1," in curve[0]  # both estimators
     assert 0 < result["floor"] < result["floor_mid"] < 0.3 and all(0 < result[f"kl_mid_{k}"] < 10 for k in (1, 8))
-    assert (tmp_path / "out" / "samples.png").is_file() and "histogram KL" in capsys.readouterr().out
+    assert (tmp_path / "out" / "samples.png").is_file() and "KL, midpoint estimator" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         record.main(["--config", str(config), "--skip-spikes", "0.5", "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit):

@@ -355,6 +355,9 @@ class ODESampler(Sampler):
     ode_baseline = True
     exact_at_every_step_count = False
 
+    def trained(self, s: float, t: float) -> bool:
+        return s == t  # only the diagonal of a diffusion model's map is trained
+
     def sample(self, model: nn.Module, noise: torch.Tensor, steps: int, cond: Optional[torch.Tensor] = None,
                rho: float = 1.0, schedule: Optional[Schedule] = None,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -222,7 +222,8 @@ def test_ct_target_decay_follows_the_paper():
 @pytest.mark.parametrize("name,decay", [("ct", 0.9), ("ict", 0.0), ("cd", 0.95), ("ect", 0.0), ("ctm", 0.999)])
 def test_paper_target_decays(name, decay, gaussian):
     teacher = {"teacher": FlowMapTeacher(exact_model(gaussian))} if get_method_class(name).needs_teacher else {}
-    method = build_method(name, gaussian.schedule, **teacher)
+    paper = {"preset": "paper"} if "paper" in get_method_class(name).presets else {}
+    method = build_method(name, gaussian.schedule, **teacher, **paper)
     assert method.options.target_ema_decay == decay and (method.target.ema is None) == (decay == 0)
 
 
@@ -241,7 +242,8 @@ def test_the_ema_target_lags_the_online_weights(gaussian):
 def _trained_method(name, gaussian, steps):
     """A method and an MLP after ``steps`` optimiser steps (so the EMA target differs from the weights)."""
     teacher = {"teacher": ExactTeacher(gaussian)} if get_method_class(name).needs_teacher else {}
-    method = build_method(name, gaussian.schedule, **teacher)
+    paper = {"preset": "paper"} if "paper" in get_method_class(name).presets else {}  # the EMA targets
+    method = build_method(name, gaussian.schedule, **teacher, **paper)
     torch.manual_seed(0)
     model = FlowMap(MLP(3, width=16, depth=1)).double()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -301,7 +303,7 @@ def test_bad_options(name, kw, msg, gaussian):
 
 
 @pytest.mark.parametrize("name,kw,msg", [("cd", {"solver": "rk4"}, "solver"), ("ctm", {"num_steps": 0}, "num_steps"),
-                                         ("ect", {"q": 1.0}, "q > 1"),
+                                         ("ect", {"q": 1.0}, r"q of method .ect. must lie in \(1, inf\)"),
                                          ("ctm", {"target_ema_decay": -0.1}, "target_ema_decay"),
                                          ("facm", {"adaptive_c": -1.0}, "adaptive_c")])
 def test_bad_teacher_method_options(name, kw, msg, gaussian):

@@ -39,7 +39,8 @@ class AYFEMD(SkeletonMethod):
 
     @dataclass
     class Options(DistillationOptions, JVPOptions):
-        tangent_norm_c: float = option(0.1, "c of the tangent normalisation g / (|g|_2 + c) (0: off; sCM, AYF)", within="[0, inf)")
+        tangent_norm_c: float = option(0.1, "c of the tangent normalisation g / (|g|_2 + c) (0: off; sCM, AYF)",
+                                       within="[0, inf)")
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         x_s, s, t, cond = draw.x_s, draw.s, draw.t, draw.pair.cond

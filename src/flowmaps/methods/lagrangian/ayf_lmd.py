@@ -41,7 +41,8 @@ class AYFLMD(SkeletonMethod):
 
     @dataclass
     class Options(DistillationOptions, JVPOptions):
-        tangent_norm_c: float = option(0.0, "c of the tangent normalisation g / (|g|_2 + c) (0: off)", within="[0, inf)")
+        tangent_norm_c: float = option(0.0, "c of the tangent normalisation g / (|g|_2 + c) (0: off)",
+                                       within="[0, inf)")
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         s, t, cond = draw.s, draw.t, draw.pair.cond
