@@ -7,12 +7,14 @@ registry (``flowmaps.methods``), both raising ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
 from flowmaps.flow_map import FlowMap
+from flowmaps.memory import check_fits
 from flowmaps.methods import build_method
 from flowmaps.nets import backbone_names, build_backbone
 from flowmaps.schedules import get_schedule
@@ -55,15 +57,31 @@ def load_config(path: Union[str, Path]) -> Config:
 
 
 def build_model(cfg: Config, dim: int) -> FlowMap:
-    """A ``FlowMap`` over the ``model.backbone`` network for ``dim``-dimensional data."""
+    """A ``FlowMap`` over the ``model.backbone`` network for ``dim``-dimensional data. The network is
+    first built on the ``meta`` device (shapes only): one the CPU cannot hold is a ``MemoryLimitError``
+    naming its size before anything is allocated."""
+    with torch.device("meta"):
+        shapes = build_backbone(cfg.model, dim)
+    nbytes = sum(t.numel() * t.element_size() for t in (*shapes.parameters(), *shapes.buffers()))
+    m = cfg.model
+    check_fits(nbytes, torch.device("cpu"), f"a {m.backbone} model of width {m.width}, depth {m.depth} on "
+                                            f"{dim}-dimensional data")
     return FlowMap(build_backbone(cfg.model, dim))
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; an unavailable CUDA device is an error."""
+    """``auto`` picks CUDA when available, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` name a device.
+    Any other string, or a CUDA device this machine lacks, is a ``ValueError`` naming it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"device {name!r} is not one of auto, cpu, cuda or cuda:N (N a device index)")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available on this machine")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
     return device

@@ -8,7 +8,6 @@ training runs the same command under torchrun: ``torchrun --nproc_per_node N -m 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -91,6 +90,9 @@ def _train(args: argparse.Namespace) -> int:
     from flowmaps.train.loop import TrainingInterrupted, default_run_dir, train
     from flowmaps.train.precision import CompileCheckError
 
+    if args.restart and not args.resume:
+        raise ValueError("--restart goes with --resume RUN_DIR (it restarts that run from step 0 when it has no "
+                         "valid checkpoint); a new run needs no flag, and --overwrite replaces one")
     if args.resume:
         out, cfg = _resume_config(args)
     else:
@@ -102,7 +104,8 @@ def _train(args: argparse.Namespace) -> int:
     say(f"flowmaps: {verb} {cfg.method['name']} on {cfg.data.name} for {cfg.train.steps} steps -> {out}")
     start = time.perf_counter()
     try:
-        result = train(cfg, out, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
+        result = train(cfg, out, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite,
+                       restart=args.restart)
     except TrainingInterrupted as stop:
         say(f"flowmaps: stopped by {signal.Signals(stop.signum).name} after {stop.step} steps; checkpoint "
             f"{stop.checkpoint}; continue with `flowmaps train --resume {out}`")
@@ -110,6 +113,8 @@ def _train(args: argparse.Namespace) -> int:
     except (GradientSyncError, CompileCheckError) as err:
         print(f"flowmaps: error: {err}", file=sys.stderr)
         return 2
+    if not result.trained:
+        return 0  # already finished under this config; the trainer said so
     table = (out / "metrics.md").read_text() if (out / "metrics.md").exists() else ""
     say(table)
     say(f"flowmaps: done in {time.perf_counter() - start:.1f}s (training {result.train_seconds:.1f}s); "
@@ -118,32 +123,44 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from flowmaps.build import load_config
-    from flowmaps.runs import CONFIG_FILE, DATA_INFO_FILE, load
+    from flowmaps.build import load_config, resolve_device
+    from flowmaps.files import atomic_write, write_json
+    from flowmaps.memory import check_fits, out_of_memory
+    from flowmaps.runs import CONFIG_FILE, data_dim, load
     from flowmaps.samplers import get_sampler, sample_ode, time_grid
     from flowmaps.schedules import get_schedule
-    from flowmaps.train.checkpoint import atomic_write
 
     if args.nfe < 1 or args.n < 1:
         raise ValueError(f"--nfe and --n must be positive; got --nfe {args.nfe}, --n {args.n}")
     grid = time_grid(args.nfe, rho=args.rho)  # checks --rho before the model loads
-    model = load(args.run_dir, ema=not args.raw, device=args.device)
+    device = resolve_device(args.device)
+    out = Path(args.out if args.out.endswith(".npy") else f"{args.out}.npy")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the path of the .npy file to write")
+    run_dir = Path(args.run_dir)
+    model = load(run_dir, ema=not args.raw, device=device, allow_unfinished=args.allow_unfinished)
     sampler = None if args.ode else get_sampler(args.sampler or model.sampler)
     if sampler is not None:
         sampler.check_steps(args.nfe)
-    run_dir = Path(args.run_dir)
-    dim = json.loads((run_dir / DATA_INFO_FILE).read_text())["dim"]
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    noise = torch.randn(args.n, dim, generator=gen, device=device)
-    schedule = get_schedule(load_config(run_dir / CONFIG_FILE).train.schedule)
-    with torch.no_grad():
-        if sampler is None:
-            x = sample_ode(model, noise, grid, "euler")
-        else:
-            x = sampler.sample(model, noise, args.nfe, rho=args.rho, schedule=schedule, generator=gen)
-    out = Path(args.out if args.out.endswith(".npy") else f"{args.out}.npy")
-    array = x.cpu().numpy()
+    dim, cfg = data_dim(run_dir), load_config(run_dir / CONFIG_FILE)
+    request = f"--n {args.n} ({args.n} samples of dimension {dim} through a network of width {cfg.model.width})"
+    check_fits(4 * args.n * (4 * dim + 3 * cfg.model.width), device, request)  # noise, samples, copies, activations
+    try:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        noise = torch.randn(args.n, dim, generator=gen, device=device)
+        with torch.no_grad():
+            if sampler is None:
+                x = sample_ode(model, noise, grid, "euler")
+            else:
+                x = sampler.sample(model, noise, args.nfe, rho=args.rho, schedule=get_schedule(cfg.train.schedule),
+                                   generator=gen)
+        array = x.cpu().numpy()
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        raise out_of_memory(err, request, device) from err
+    bad_rows = int((~np.isfinite(array)).any(axis=1).sum())
+    if bad_rows:
+        raise FloatingPointError(f"{bad_rows} of {args.n} samples from {run_dir} ({model.provenance['weights']}) are "
+                                 f"non-finite (NaN or inf): the map overflows; nothing was written to {out}")
 
     def save_array(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -151,9 +168,11 @@ def _sample(args: argparse.Namespace) -> int:
 
     atomic_write(out, save_array)
     name = "ode_euler" if sampler is None else sampler.name
+    source = model.provenance
     meta = {"run": str(run_dir), "sampler": name, "method_sampler": model.sampler, "nfe": args.nfe, "rho": args.rho,
-            "n": args.n, "seed": args.seed, "weights": "raw" if args.raw else "ema"}
-    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+            "n": args.n, "seed": args.seed, "weights": "raw" if args.raw else "ema", "weights_file": source["weights"],
+            "run_id": source["run_id"], "config_hash": source["config_hash"], "run_state": source["state"]}
+    write_json(out.with_suffix(".json"), meta)
     print(f"flowmaps: wrote {args.n} samples ({name}, {args.nfe} NFE) to {out} (metadata {out.with_suffix('.json')})")
     return 0
 
@@ -235,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest valid checkpoint (takes --steps, --device and "
                         "--set for checkpoint/guard/eval keys); see docs/training.md")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out directory that holds checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out directory that holds a run or other files: deletes flowmaps' own "
+                        "files there (never any other) first")
+    p.add_argument("--restart", action="store_true",
+                   help="with --resume: when RUN_DIR has no valid checkpoint, start the run again from step 0 "
+                        "(without it, such a resume refuses)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
@@ -251,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-noises; one_step takes F(eps, 1, 0)); written into the output's .json metadata")
     p.add_argument("--ode", action="store_true", help="use the diagonal as an Euler ODE sampler instead")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="sample a run that has not finished (running, interrupted, diverged, failed) from its newest "
+                        "valid checkpoint instead of refusing")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("bench", help="train every method with an equal budget and measure it against exact samples")
@@ -281,12 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_text(err: BaseException) -> str:
+    """The message of a failure a user can cause: an ``OSError`` from the system gets its file and cause
+    worded (``flowmaps.files.describe_os_error``); flowmaps' own errors already say what and where."""
+    from flowmaps.files import WriteError, describe_os_error
+
+    if isinstance(err, OSError) and not isinstance(err, WriteError) and err.filename is not None:
+        return describe_os_error(err)
+    return str(err) or type(err).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from flowmaps.train.rundir import RunDirectoryError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"flowmaps: error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError, FloatingPointError, RunDirectoryError, MemoryError,
+            torch.OutOfMemoryError) as err:
+        print(f"flowmaps: error: {_error_text(err)}", file=sys.stderr)
         return 2
 
 

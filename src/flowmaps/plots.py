@@ -7,11 +7,15 @@ from typing import Optional, Union
 
 import torch
 
+from flowmaps.files import atomic_write
+
 
 def plot_panels(
-    panels: dict[str, torch.Tensor], path: Union[str, Path], title: str = "", limit: Optional[float] = None
+    panels: dict[str, torch.Tensor], path: Union[str, Path], title: str = "", limit: Optional[float] = None,
+    metadata: Optional[dict[str, str]] = None,
 ) -> None:
-    """One 2D histogram per panel (the first two coordinates), side by side, saved as a PNG.
+    """One 2D histogram per panel (the first two coordinates), side by side, saved as a PNG (atomically,
+    with ``metadata`` as PNG text chunks).
 
     The square window is ``[-limit, limit]^2``; by default 1.25 times the 99.5th percentile of
     ``|x|`` in the first panel (the data), so every data set is framed alike.
@@ -36,5 +40,7 @@ def plot_panels(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata=metadata))
+    finally:
+        plt.close(fig)

@@ -1,38 +1,125 @@
-"""Run directories: what ``flowmaps train`` writes and ``flowmaps.load`` reads.
+"""Run directories as ``flowmaps.load`` reads them: finished runs only, with verified final weights.
 
-A run directory holds ``config.yaml`` (resolved), ``model.safetensors`` (raw weights),
-``model_ema.safetensors`` (EMA weights), ``data_info.json`` (data dimension), ``train_log.jsonl``,
-``metrics.json``, ``metrics.md`` and ``samples.png``.
+``flowmaps.train.rundir`` lists what a run directory holds. ``load`` reads a *finished* run and checks
+that everything in it belongs together before it trusts the weights: ``status.json`` says ``finished``;
+``manifest.json`` names the same run id and config hash; ``config.yaml`` still hashes to that config;
+the weights file has the size and SHA-256 its manifest lists (the size checked before it is read),
+carries the run's identity in its metadata, and holds only finite values.
+
+A run that is running, was interrupted, diverged or failed has no final weights: ``load`` refuses it
+with ``UnfinishedRunError`` unless ``allow_unfinished=True``, which loads the weights of its newest
+valid checkpoint instead (with a warning). A run written before ``status.json`` existed loads as it
+always did, after the finite-value check (it has no manifest to verify against).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 
 from flowmaps.build import build_model, load_config, resolve_device
+from flowmaps.files import read_json
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import get_method_class
-from flowmaps.train.checkpoint import load_weights
+from flowmaps.train.checkpoint import CheckpointError, CheckpointStore, load_weights, read_weights_manifest
+from flowmaps.train.rundir import (
+    CONFIG_FILE, DATA_INFO_FILE, EMA_WEIGHTS_FILE, WEIGHTS_FILE, WEIGHTS_MANIFEST_FILE, RunDirectoryError, RunIdentity,
+    RunStatus, UnfinishedRunError, file_config_hash, read_status,
+)
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
-EMA_WEIGHTS_FILE = "model_ema.safetensors"
-DATA_INFO_FILE = "data_info.json"
+logger = logging.getLogger("flowmaps.runs")
+MAX_DIM = 2**20  # data dimensions a run directory may declare
 
 
-def load(run_dir: Union[str, Path], ema: bool = True, device: Union[str, torch.device] = "cpu") -> FlowMap:
-    """The trained ``FlowMap`` of a run (EMA weights by default), in eval mode, callable as ``model(x, s, t)``;
-    its ``sampler`` is its method's (``flowmaps.samplers.sample(model, noise, steps)`` uses it)."""
+def data_dim(run_dir: Path) -> int:
+    """The data dimension recorded in ``data_info.json`` (a positive integer of sensible size)."""
+    path = run_dir / DATA_INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a complete flowmaps run directory (no {DATA_INFO_FILE})")
+    info = read_json(path, "data info file")
+    dim = info.get("dim") if isinstance(info, dict) else None
+    if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
+        raise RunDirectoryError(f"{path} does not hold a data dimension between 1 and {MAX_DIM}; got {dim!r}")
+    return dim
+
+
+def _verify_final(run_dir: Path, name: str, expected: RunIdentity, model: FlowMap) -> dict[str, Any]:
+    """Load the final weights ``name`` into ``model`` after every check of the module docstring."""
+    manifest_path = run_dir / WEIGHTS_MANIFEST_FILE
+    manifest = read_weights_manifest(manifest_path)
+    recorded = RunIdentity.from_metadata(manifest["metadata"])
+    if recorded != expected:
+        raise CheckpointError(f"{manifest_path} belongs to {recorded} but status.json to {expected}: the final "
+                              "weights are not this run's")
+    listed = manifest["files"].get(name)
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{manifest_path} does not list {name}")
+    metadata = load_weights(model, run_dir / name, listed)
+    if RunIdentity.from_metadata(metadata) != expected:
+        raise CheckpointError(f"weights file {run_dir / name} carries the identity "
+                              f"{RunIdentity.from_metadata(metadata)}, not this run's {expected}")
+    return {"weights": name, "run_id": expected.run_id, "config_hash": expected.config_hash, "state": "finished"}
+
+
+def _load_checkpoint(run_dir: Path, ema: bool, model: FlowMap, status: RunStatus) -> dict[str, Any]:
+    """Load the newest valid checkpoint's weights into ``model`` (``allow_unfinished``)."""
+    why = f"has status {status.state} at step {status.step}"
+    loaded = CheckpointStore(run_dir).latest_valid(report=logger.warning)
+    if loaded is None:
+        raise RunDirectoryError(f"{run_dir} {why} and has no valid checkpoint to load instead")
+    state = loaded.ema if ema else loaded.model
+    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in state.items()}, strict=True)
+    logger.warning(f"{run_dir} {why}: using the weights of its checkpoint {loaded.checkpoint.path.name} "
+                   f"({loaded.checkpoint.step} steps)")
+    run = loaded.run or {}
+    return {"weights": f"{loaded.checkpoint.path.name}/{'model_ema' if ema else 'model'}.safetensors",
+            "run_id": run.get("run_id"), "config_hash": run.get("config_hash"), "state": status.state}
+
+
+def load(
+    run_dir: Union[str, Path],
+    ema: bool = True,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    allow_unfinished: bool = False,
+) -> FlowMap:
+    """The trained ``FlowMap`` of a finished run (EMA weights by default), in eval mode, callable as
+    ``model(x, s, t)``, verified as the module docstring says.
+
+    Its ``sampler`` is its method's (``flowmaps.samplers.sample(model, noise, steps)`` uses it) and its
+    ``provenance`` says which weights were loaded (file, run id, config hash, run state). A run that has
+    not finished raises ``UnfinishedRunError``; ``allow_unfinished=True`` loads its newest valid
+    checkpoint instead. Faulty weights raise ``CheckpointError`` naming the file and the fault.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a flowmaps run directory (no {CONFIG_FILE})")
+    status = read_status(run_dir)
+    if status is not None and status.state != "finished" and not allow_unfinished:
+        raise UnfinishedRunError(
+            f"{run_dir} is not a finished run (status: {status.describe()}), so it has no final weights; "
+            f"continue it with `flowmaps train --resume {run_dir}`, or load its newest checkpoint with "
+            "allow_unfinished=True (flowmaps sample --allow-unfinished)")
     cfg = load_config(run_dir / CONFIG_FILE)
-    info = json.loads((run_dir / DATA_INFO_FILE).read_text())
-    model = build_model(cfg, int(info["dim"])).to(resolve_device(str(device)))
+    device = resolve_device(str(device))
+    model = build_model(cfg, data_dim(run_dir)).to(device)
     model.sampler = get_method_class(cfg.method["name"]).sampler
-    load_weights(model, run_dir / (EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE))
+    name = EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE
+    if status is None:
+        load_weights(model, run_dir / name)
+        model.provenance = {"weights": name, "run_id": None, "config_hash": None, "state": "unknown (no status.json)"}
+    elif status.state != "finished":
+        model.provenance = _load_checkpoint(run_dir, ema, model, status)
+    else:
+        if file_config_hash(run_dir) != status.config_hash:
+            raise RunDirectoryError(f"{run_dir / CONFIG_FILE} was changed after the run finished (its hash is not "
+                                    f"the config hash {status.config_hash[:12]}... in status.json): the weights were "
+                                    "trained under another config")
+        model.provenance = _verify_final(run_dir, name, status.identity, model)
     return model.eval().requires_grad_(False)
+
+
+__all__ = ["CONFIG_FILE", "DATA_INFO_FILE", "EMA_WEIGHTS_FILE", "WEIGHTS_FILE", "data_dim", "load"]

@@ -91,7 +91,9 @@ def test_the_guard_stops_with_a_report(tmp_path, monkeypatch):
         train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
     assert len(err.value.reports) == 2
     saved = json.loads((tmp_path / "r" / "divergence.json").read_text())
-    assert [r["step"] for r in saved] == [2, 3]
+    assert [r["step"] for r in saved["reports"]] == [2, 3] and saved["step"] == 3
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["state"] == "diverged" and saved["run_id"] == status["run_id"]
     assert not (tmp_path / "r" / "model.safetensors").exists()
 
 

@@ -10,6 +10,7 @@ import torch
 from flowmaps.cli import main
 from flowmaps.train.checkpoint import CheckpointStore
 from flowmaps.train.loop import TrainingInterrupted, train
+from flowmaps.train.rundir import RunDirectoryError
 from tests.train import faults
 from tests.train.tiny import assert_same_tensors, tiny_config, tiny_values, weights, write_array_data
 
@@ -74,19 +75,26 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(tmp_path, monke
 def test_a_fresh_start_refuses_a_directory_with_checkpoints(tmp_path):
     cfg = tiny_config(train={"steps": 8})
     train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
-    with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+    with pytest.raises(RunDirectoryError, match="already holds a flowmaps run.*--resume"):
         train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
     train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False, overwrite=True)
     assert [c.step for c in CheckpointStore(tmp_path / "r").checkpoints()] == [8]
 
 
-def test_resume_without_a_checkpoint_starts_from_zero(tmp_path, caplog):
+def test_resume_without_a_checkpoint_refuses_unless_restart(tmp_path, caplog):
+    """A resume that finds no checkpoint to continue refuses (it used to start from step 0 silently);
+    ``restart=True`` starts the run again from step 0, exactly like a new run of that config."""
     cfg = tiny_config(train={"steps": 6}, checkpoint={"every": 0})
     train(cfg, tmp_path / "a", progress=False, evaluate_at_end=False)
     assert not (tmp_path / "a" / "checkpoints").exists()  # every = 0: no periodic or final checkpoint
-    train(cfg, tmp_path / "b", progress=False, evaluate_at_end=False, resume=True)
-    assert "no valid checkpoint" in caplog.text
-    assert_same_tensors(weights(tmp_path / "a" / "model.safetensors"), weights(tmp_path / "b" / "model.safetensors"))
+    longer = tiny_config(train={"steps": 8}, checkpoint={"every": 0})
+    with pytest.raises(RunDirectoryError, match="no valid checkpoint to resume from.*--restart"):
+        train(longer, tmp_path / "a", progress=False, evaluate_at_end=False, resume=True)
+    train(longer, tmp_path / "a", progress=False, evaluate_at_end=False, resume=True, restart=True)
+    assert "--restart starts the run again from step 0" in caplog.text
+    train(longer, tmp_path / "fresh", progress=False, evaluate_at_end=False)
+    assert_same_tensors(weights(tmp_path / "fresh" / "model.safetensors"), weights(tmp_path / "a" / "model.safetensors"))
+    assert json.loads((tmp_path / "a" / "previous" / "status.json").read_text())["steps"] == 6  # the 6-step run, kept
 
 
 def test_one_process_shards_match_a_plain_batch_when_there_is_one_shard(tmp_path):
@@ -113,7 +121,7 @@ def test_cli_resume(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--no-progress", *args]) == 0
     assert main(["train", "--out", str(out), "--no-progress", *args]) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert "already holds a flowmaps run" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--steps", "14", "--no-progress"]) == 0
     text = capsys.readouterr()
     assert "resuming lsd" in text.out and "resuming from" in text.err

@@ -51,6 +51,7 @@ from flowmaps.bench.config import BenchConfig
 from flowmaps.data import DataSource, get_data
 from flowmaps.diagnostics import composition_error
 from flowmaps.evaluation import sample_metrics
+from flowmaps.files import write_json
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import get_method_class, method_names
 from flowmaps.oracle import ExactAverageVelocity
@@ -59,6 +60,7 @@ from flowmaps.schedules import Schedule, get_schedule
 from flowmaps.runs import load
 from flowmaps.build import config_from_dict
 from flowmaps.train.loop import LOG_FILE, train
+from flowmaps.train.rundir import BENCH_OUTCOME_FILE, BENCH_PANELS_FILE
 
 FLOOR = "exact samples (floor)"
 FLOW_MAP = "flow map"
@@ -292,8 +294,8 @@ def _teacher_of(cls: type, run_dir: Path) -> str:
     return "exact"
 
 
-OUTCOME_FILE = "bench_outcome.json"
-PANELS_FILE = "bench_panels.safetensors"
+OUTCOME_FILE = BENCH_OUTCOME_FILE  # beside the run's own files (flowmaps.train.rundir lists both as flowmaps')
+PANELS_FILE = BENCH_PANELS_FILE
 
 
 def _measurement_settings(cfg: BenchConfig) -> dict:
@@ -303,17 +305,16 @@ def _measurement_settings(cfg: BenchConfig) -> dict:
 
 
 def _save_outcome(run_dir: Path, settings: dict, outcome: MethodOutcome) -> None:
-    """Record a finished run's rows (JSON) and sample panels (safetensors) beside its weights,
-    atomically, so that a rerun of the same benchmark reuses it."""
+    """Record a finished run's rows (strict JSON: a non-finite value as ``"NaN"``/``"Infinity"``) and
+    sample panels (safetensors) beside its weights, atomically, so that a rerun of the same benchmark
+    reuses it."""
     from safetensors.torch import save_file
 
     if outcome.panels:
         save_file({k: v.contiguous() for k, v in outcome.panels.items()}, str(run_dir / PANELS_FILE))
     payload = {"settings": settings, "panels": outcome.panels is not None,
                "rows": [dataclasses.asdict(r) for r in outcome.rows]}
-    tmp = run_dir / (OUTCOME_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(run_dir / OUTCOME_FILE)
+    write_json(run_dir / OUTCOME_FILE, payload, indent=None)
 
 
 def _load_outcome(run_dir: Path, settings: dict) -> Optional[MethodOutcome]:
@@ -330,7 +331,7 @@ def _load_outcome(run_dir: Path, settings: dict) -> Optional[MethodOutcome]:
         panels = None
         if payload["panels"]:
             panels = load_file(str(run_dir / PANELS_FILE)) if (run_dir / PANELS_FILE).is_file() else {}
-        return MethodOutcome(rows=[Row(**r) for r in payload["rows"]], panels=panels)
+        return MethodOutcome(rows=[Row(**{**r, "value": float(r["value"])}) for r in payload["rows"]], panels=panels)
     except (ValueError, KeyError, TypeError, OSError):  # unreadable: measure again
         return None
 
@@ -354,6 +355,8 @@ def run_bench(
         raise ValueError(f"bench: jobs must be at least 1; got {jobs}")
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"bench: --out {out_dir} is a file, not a results directory; choose another --out")
     methods = resolve_methods(cfg)
     result = BenchResult(cfg)
     tasks: list[tuple[str, str, int]] = []

@@ -4,19 +4,31 @@ A source has ``dim`` and ``sample(n, generator) -> [n, dim]``; a source built fr
 mixture also exposes it as ``mixture`` so that exact answers are available (``--teacher exact``,
 flow-map error). Array files are iterated in shuffled epochs whose order is a function of the seed
 and epoch number alone.
+
+Files are checked before anything is allocated: an ``.npy`` header must describe exactly the bytes
+that follow it, and a mixture spec is read only up to ``flowmaps.train.config.FILE_LIMIT`` bytes and
+parsed strictly (no repeated keys, no alias bombs). Mixture weights that do not sum to 1 are
+renormalised with a warning. ``data_fingerprint`` identifies what a spec names (the built-in set, or
+the SHA-256 of the file), which a resumed run checks against its checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from flowmaps.data import toy2d
 from flowmaps.oracle import GaussianMixture
+from flowmaps.train.config import ConfigError, check_expansion, parse_yaml, read_text_limited
+
+logger = logging.getLogger("flowmaps.data")
 
 
 class DataSource:
@@ -99,9 +111,29 @@ BUILTIN: dict[str, Callable[[], DataSource]] = {
 }
 
 
+def _check_npy_header(path: Path) -> None:
+    """The ``.npy`` header of ``path`` must announce a real numeric array whose bytes are all in the file."""
+    fmt = np.lib.format
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version not in readers:
+            raise ValueError(f"data file {path} is .npy version {version}; versions 1.0 and 2.0 are read")
+        shape, _, dtype = readers[version](f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"data file {path} holds Python objects, not numbers")
+    expected = math.prod(shape) * dtype.itemsize
+    actual = path.stat().st_size - offset
+    if actual != expected:
+        raise ValueError(f"data file {path}: its header announces shape {shape} of {dtype} ({expected} bytes), "
+                         f"but {actual} bytes follow it (truncated or altered)")
+
+
 def load_array(path: Path) -> np.ndarray:
-    """Load and validate an ``[N, D]`` ``.npy`` file of finite numbers."""
+    """Load and validate an ``[N, D]`` ``.npy`` file of finite numbers (the header checked first)."""
     try:
+        _check_npy_header(path)
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:
         raise ValueError(f"cannot read data file {path}: {err}") from err
@@ -121,18 +153,28 @@ def load_array(path: Path) -> np.ndarray:
     return array
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"duplicate key(s) {repeated}")
+    return dict(pairs)
+
+
 def load_mixture_spec(path: Path) -> GaussianMixture:
     """Read a mixture spec (``.json`` / ``.yaml``): ``{weights: [K], means: [K][D], stds: [K][D]}``."""
-    text = path.read_text()
     try:
+        text = read_text_limited(path, "mixture spec")
         if path.suffix == ".json":
-            spec = json.loads(text)
+            try:
+                spec = json.loads(text, object_pairs_hook=_unique_keys)
+            except (ValueError, RecursionError) as err:
+                raise ConfigError(f"cannot parse mixture spec {path}: {err}") from err
+            check_expansion(spec, f"mixture spec {path}")
         else:
-            import yaml
-
-            spec = yaml.safe_load(text)
-    except Exception as err:  # the parsers raise several unrelated types
-        raise ValueError(f"cannot parse mixture spec {path}: {err}") from err
+            spec = parse_yaml(text, f"mixture spec {path}")
+    except ConfigError as err:
+        raise ValueError(str(err)) from err
     if not isinstance(spec, dict):
         raise ValueError(f"mixture spec {path} must be a mapping with keys weights, means, stds")
     missing = sorted({"weights", "means", "stds"} - set(spec))
@@ -140,9 +182,26 @@ def load_mixture_spec(path: Path) -> GaussianMixture:
     if missing or extra:
         raise ValueError(f"mixture spec {path}: missing keys {missing}, unknown keys {extra} (need weights, means, stds)")
     try:
-        return GaussianMixture(spec["weights"], spec["means"], spec["stds"])
+        mixture = GaussianMixture(spec["weights"], spec["means"], spec["stds"])
     except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"mixture spec {path}: {err}") from err
+    total = sum(float(w) for w in np.asarray(spec["weights"], dtype=np.float64).reshape(-1))
+    if abs(total - 1.0) > 1e-6:
+        logger.warning(f"mixture spec {path}: the weights sum to {total:.6g}, not 1; renormalised to "
+                       f"{[round(w, 6) for w in mixture.weights.tolist()]}")
+    return mixture
+
+
+def data_fingerprint(spec: str) -> str:
+    """What ``spec`` names, for a resume to check: ``builtin:NAME``, or ``sha256:HEX`` of the data
+    file's bytes (an ``.npy`` array or a mixture spec)."""
+    if spec in BUILTIN:
+        return f"builtin:{spec}"
+    digest = hashlib.sha256()
+    with open(spec, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def get_data(spec: str, seed: int = 0) -> DataSource:

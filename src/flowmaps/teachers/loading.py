@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from flowmaps.data import DataSource
-from flowmaps.runs import DATA_INFO_FILE, load
+from flowmaps.runs import DATA_INFO_FILE, data_dim, load
 from flowmaps.schedules import Schedule
 from flowmaps.teachers.base import ExactTeacher, FlowMapTeacher, Teacher
 
@@ -29,9 +28,8 @@ def load_teacher(spec: str, data: DataSource, device: torch.device, schedule: Op
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"teacher {spec!r} is neither 'exact' nor a run directory")
-    info_file = path / DATA_INFO_FILE
-    if info_file.is_file():
-        dim = int(json.loads(info_file.read_text())["dim"])
+    if (path / DATA_INFO_FILE).is_file():
+        dim = data_dim(path)
         if dim != data.dim:
             raise ValueError(f"teacher run {path} was trained on {dim}-dimensional data; {data.name!r} has {data.dim}")
     return FlowMapTeacher(load(path, ema=True, device=device))

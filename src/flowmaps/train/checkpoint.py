@@ -14,9 +14,16 @@ Weights are safetensors files. A training checkpoint is a directory
 Writing goes to a hidden temporary directory whose files are fsynced before it is renamed into
 place (atomic on POSIX) and the parent directory is fsynced: a reader sees a whole checkpoint or
 none, and a process killed mid-write leaves only the temporary directory, removed at the next start.
-Reading checks every file against the manifest before deserialising it, so a truncated or
-corrupted checkpoint raises ``CheckpointError``; ``CheckpointStore.latest_valid`` reports it and
-falls back to the previous checkpoint.
+Reading checks every file's size (before reading it) and SHA-256 against the manifest before
+deserialising it, and the weights for non-finite values, so a truncated, corrupted or poisoned
+checkpoint raises ``CheckpointError``; ``CheckpointStore.latest_valid`` reports it and falls back to
+the previous checkpoint, as it does for a checkpoint its caller cannot use (a ``state.pt`` without the
+keys the trainer needs). A write that fails (a full disk) raises ``flowmaps.files.WriteError`` and
+leaves every earlier checkpoint as it was.
+
+The final weights of a run are safetensors files with string metadata (the run's identity) and a
+manifest of their sizes and SHA-256 (``save_weights_with_manifest``); ``load_weights`` checks a
+weights file against its manifest entry, reads its metadata and refuses non-finite values.
 """
 
 from __future__ import annotations
@@ -37,8 +44,13 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save
 from torch import nn
+
+from flowmaps.files import (
+    WriteError, atomic_write, default_mode, describe_os_error, dumps, fsync_dir, read_json, write_bytes_atomic,
+    write_json,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -49,16 +61,11 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 
+_HEADER_LIMIT = 100 * 2**20  # bytes of a safetensors header (the JSON index of its tensors)
+
+
 class CheckpointError(ValueError):
-    """A checkpoint is incomplete, truncated, corrupted or does not fit the model."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """A checkpoint or weights file is incomplete, truncated, corrupted, non-finite or does not fit the model."""
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -68,31 +75,106 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_weights(module: nn.Module, path: Union[str, Path]) -> None:
-    """Write ``module``'s state dict to a safetensors file, atomically."""
-    state = _cpu_state(module)
-    atomic_write(path, lambda tmp: save_file(state, tmp))
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def save_weights(
+    module: nn.Module, path: Union[str, Path], metadata: Optional[dict[str, str]] = None
+) -> dict[str, Any]:
+    """Write ``module``'s state dict to a safetensors file (with string ``metadata``), atomically;
+    returns its size and SHA-256 (a manifest entry)."""
+    data = save(_cpu_state(module), metadata=metadata)
+    write_bytes_atomic(path, data)
+    return _digest(data)
+
+
+def save_weights_with_manifest(weights: dict[Path, nn.Module], manifest: Path, metadata: dict[str, str]) -> None:
+    """Each module's weights to its path (with ``metadata``), then ``manifest``: their sizes and SHA-256
+    and the metadata, written last so that its presence marks a whole set."""
+    files = {path.name: save_weights(module, path, metadata) for path, module in weights.items()}
+    write_json(manifest, {"format": FORMAT_VERSION, "metadata": metadata, "files": files})
+
+
+def read_weights_manifest(path: Path) -> dict[str, Any]:
+    """The manifest ``save_weights_with_manifest`` wrote; ``CheckpointError`` when it is missing or malformed."""
+    try:
+        manifest = read_json(path, "weights manifest")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
+        if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("metadata"), dict):
+            raise ValueError("no files or metadata")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"weights manifest {path} is missing or malformed ({err}): the final weights "
+                              "cannot be verified") from err
+    return manifest
+
+
+def _check_size(path: Path, listed: Optional[dict[str, Any]], where: str) -> None:
+    """Compare the size of ``path`` with its manifest entry before anything is read."""
+    if listed is None:
+        return
+    size = path.stat().st_size
+    if size != listed.get("bytes"):
+        raise CheckpointError(
+            f"{where}: {path.name} is truncated or altered ({size} bytes, expected {listed.get('bytes')})")
+
+
+def _check_digest(data: bytes, listed: Optional[dict[str, Any]], name: str, where: str) -> None:
+    if listed is not None and hashlib.sha256(data).hexdigest() != listed.get("sha256"):
+        raise CheckpointError(f"{where}: {name} is corrupted (SHA-256 does not match the manifest)")
+
+
+def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes, with the header's length checked against the data."""
+    if len(data) < 8:
+        raise CheckpointError(f"{where} is not a safetensors file ({len(data)} bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, _HEADER_LIMIT):
+        raise CheckpointError(f"{where} is not a safetensors file (a header of {size} bytes in {len(data)})")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError as err:
+        raise CheckpointError(f"{where} is not a safetensors file (its header is not JSON: {err})") from err
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        names = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:4])
+        raise CheckpointError(f"{where} holds {sum(bad.values())} non-finite value(s) (NaN or inf): {names}")
+
+
+def _deserialize(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    try:
+        state = load_safetensors_bytes(data)
+    except (SafetensorError, ValueError) as err:
+        raise CheckpointError(f"{where} is corrupt or not a safetensors file: {err}") from err
+    _check_finite(state, where)
+    return state
+
+
+def read_weights(
+    path: Union[str, Path], listed: Optional[dict[str, Any]] = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state, metadata)`` of a safetensors file, verified: its size and SHA-256 against the manifest
+    entry ``listed`` (when given; the size before reading), then its structure and finite values."""
+    path = Path(path)
+    where = f"weights file {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    _check_size(path, listed, where)
+    data = path.read_bytes()
+    _check_digest(data, listed, path.name, where)
+    state = _deserialize(data, where)
+    return state, _safetensors_metadata(data, where)
 
 
 def _load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -103,16 +185,12 @@ def _load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: s
         raise CheckpointError(f"{where} does not match the model: {err}") from err
 
 
-def load_weights(module: nn.Module, path: Union[str, Path]) -> None:
-    """Load a safetensors file into ``module`` (strict), with a clear error for missing or corrupt files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"weights file {path} is corrupt or not a safetensors file: {err}") from err
-    _load_state_into(module, state, f"weights file {path}")  # CheckpointError is a ValueError
+def load_weights(module: nn.Module, path: Union[str, Path], listed: Optional[dict[str, Any]] = None) -> dict[str, str]:
+    """Load a safetensors file into ``module`` (strict), verified as ``read_weights`` says; returns its
+    metadata. Missing files raise ``FileNotFoundError``, every other fault ``CheckpointError``."""
+    state, metadata = read_weights(path, listed)
+    _load_state_into(module, state, f"weights file {path}")
+    return metadata
 
 
 def capture_rng() -> dict[str, Any]:
@@ -148,12 +226,14 @@ class Checkpoint:
 
 @dataclass
 class LoadedCheckpoint:
-    """What ``CheckpointStore.load`` read: the checkpoint, both weight sets and the training state."""
+    """What ``CheckpointStore.load`` read: the checkpoint, both weight sets, the training state and the
+    run description its writer recorded (``None`` for checkpoints written before it was recorded)."""
 
     checkpoint: Checkpoint
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     state: dict[str, Any]
+    run: Optional[dict[str, Any]] = None
 
     def apply_weights(self, model: nn.Module, ema_model: nn.Module) -> None:
         _load_state_into(model, self.model, f"checkpoint {self.checkpoint.path} ({MODEL_FILE})")
@@ -190,8 +270,11 @@ class CheckpointStore:
         ema_model: nn.Module,
         state: dict[str, Any],
         metric: Optional[float] = None,
+        run: Optional[dict[str, Any]] = None,
     ) -> Checkpoint:
-        """Write checkpoint ``step`` atomically, then prune old ones; returns it."""
+        """Write checkpoint ``step`` atomically, then prune old ones; returns it. ``run`` (JSON values: the
+        run's identity and what a resume must match) goes into the manifest. ``WriteError`` when the
+        file system refuses the write: the earlier checkpoints, and an earlier one of this step, stay."""
         buffer = io.BytesIO()
         torch.save(state, buffer)
         files = {MODEL_FILE: save(_cpu_state(model)), EMA_FILE: save(_cpu_state(ema_model)),
@@ -200,27 +283,39 @@ class CheckpointStore:
             "format": FORMAT_VERSION,
             "step": step,
             "metric": metric,
-            "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()},
+            "run": run,
+            "files": {name: _digest(data) for name, data in files.items()},
         }
-        files[MANIFEST_FILE] = json.dumps(manifest, indent=1).encode()
+        files[MANIFEST_FILE] = dumps(manifest, indent=1).encode()
         final = self.path_for(step)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
+        tmp: Optional[Path] = None
+        aside: Optional[Path] = None
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
+            os.chmod(tmp, default_mode(directory=True))
             for name, data in files.items():  # the manifest last: its presence marks a finished write
                 _write_bytes(tmp / name, data)
-            _fsync_dir(tmp)
-            aside = None
+            fsync_dir(tmp)
             if final.exists():  # the same step written again (after a rollback or a resume)
                 aside = self.root / f".old-{final.name}-{os.getpid()}"
                 os.replace(final, aside)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            tmp = None
+            fsync_dir(self.root)
+        except BaseException as err:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if aside is not None and not final.exists():
+                    os.replace(aside, final)  # put the earlier checkpoint of this step back
+                    aside = None
+            if isinstance(err, OSError) and not isinstance(err, WriteError):
+                raise WriteError(f"cannot write checkpoint {describe_os_error(err, final)}; the earlier "
+                                 "checkpoints are kept", err.errno, final) from err
+            raise
+        finally:
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self._prune()
         return Checkpoint(final, step, metric)
 
@@ -233,7 +328,7 @@ class CheckpointStore:
             match = _NAME.match(p.name)
             if match and p.is_dir():
                 try:
-                    metric = json.loads((p / MANIFEST_FILE).read_text()).get("metric")
+                    metric = read_json(p / MANIFEST_FILE, "checkpoint manifest").get("metric")
                 except (OSError, ValueError, AttributeError):
                     metric = None
                 found.append(Checkpoint(p, int(match.group(1)), metric if isinstance(metric, (int, float)) else None))
@@ -253,18 +348,15 @@ class CheckpointStore:
         """Read and verify a checkpoint; raises ``CheckpointError`` naming the file that is wrong."""
         path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
         try:
-            manifest = json.loads((path / MANIFEST_FILE).read_text())
-            step, listed = int(manifest["step"]), manifest["files"]
+            manifest = read_json(path / MANIFEST_FILE, "checkpoint manifest")
+            step, listed = int(manifest["step"]), dict(manifest["files"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} is incomplete: cannot read {MANIFEST_FILE} ({err})") from err
         if manifest.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}; expected {FORMAT_VERSION}")
         data = {name: self._read_verified(path, name, listed) for name in (MODEL_FILE, EMA_FILE, STATE_FILE)}
-        try:
-            model = load_safetensors_bytes(data[MODEL_FILE])
-            ema = load_safetensors_bytes(data[EMA_FILE])
-        except (SafetensorError, ValueError) as err:
-            raise CheckpointError(f"checkpoint {path}: weights cannot be read: {err}") from err
+        model = _deserialize(data[MODEL_FILE], f"checkpoint {path}: {MODEL_FILE}")
+        ema = _deserialize(data[EMA_FILE], f"checkpoint {path}: {EMA_FILE}")
         try:
             state = torch.load(io.BytesIO(data[STATE_FILE]), map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling errors come in many types; none may pass silently
@@ -272,30 +364,35 @@ class CheckpointStore:
         if not isinstance(state, dict) or state.get("step") != step:
             raise CheckpointError(f"checkpoint {path}: {STATE_FILE} does not hold the state of step {step}")
         metric = manifest.get("metric")
-        return LoadedCheckpoint(Checkpoint(path, step, metric), model, ema, state)
+        run = manifest.get("run")
+        run = run if isinstance(run, dict) else None
+        return LoadedCheckpoint(Checkpoint(path, step, metric), model, ema, state, run)
 
     @staticmethod
     def _read_verified(path: Path, name: str, listed: dict[str, Any]) -> bytes:
-        if name not in listed:
+        if not isinstance(listed.get(name), dict):
             raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} does not list {name}")
+        where = f"checkpoint {path}"
         try:
+            _check_size(path / name, listed[name], where)
             data = (path / name).read_bytes()
         except OSError as err:
             raise CheckpointError(f"checkpoint {path}: cannot read {name} ({err})") from err
-        expected = listed[name]
-        if len(data) != expected.get("bytes"):
-            raise CheckpointError(
-                f"checkpoint {path}: {name} is truncated or altered ({len(data)} bytes, expected {expected.get('bytes')})"
-            )
-        if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
-            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (SHA-256 does not match the manifest)")
+        _check_digest(data, listed[name], name, where)
         return data
 
-    def latest_valid(self, report: Callable[[str], None]) -> Optional[LoadedCheckpoint]:
-        """The newest checkpoint that passes verification; each bad one is ``report``-ed and skipped."""
+    def latest_valid(
+        self, report: Callable[[str], None], use: Optional[Callable[[LoadedCheckpoint], None]] = None
+    ) -> Optional[LoadedCheckpoint]:
+        """The newest checkpoint that passes verification and, when given, that ``use`` accepts (``use``
+        raises ``CheckpointError`` for one it cannot use, e.g. a state without a key it needs); each bad
+        one is ``report``-ed and skipped."""
         for checkpoint in reversed(self.checkpoints()):
             try:
-                return self.load(checkpoint)
+                loaded = self.load(checkpoint)
+                if use is not None:
+                    use(loaded)
+                return loaded
             except CheckpointError as err:
                 report(f"skipping a bad checkpoint: {err}")
         return None
@@ -303,5 +400,6 @@ class CheckpointStore:
 
 __all__ = [
     "CHECKPOINTS_DIR", "Checkpoint", "CheckpointError", "CheckpointStore", "LoadedCheckpoint", "atomic_write",
-    "capture_rng", "load_weights", "restore_rng", "save_weights",
+    "capture_rng", "load_weights", "read_weights", "read_weights_manifest", "restore_rng", "save_weights",
+    "save_weights_with_manifest",
 ]

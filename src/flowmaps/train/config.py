@@ -8,12 +8,20 @@ and ``flowmaps.build.load_config``, which every entry point uses.
 
 Sections: ``data``, ``model``, ``method``, ``optim``, ``train``, ``checkpoint``, ``guard``,
 ``distributed``, ``eval`` and ``teacher``; ``docs/training.md`` explains the training-side keys.
+
+Files and ``--set`` values are parsed strictly (``parse_yaml``, also used for mixture specs): a file
+larger than ``FILE_LIMIT`` bytes is refused before it is read, a YAML mapping may not repeat a key
+(the last one would silently win), and a parsed value may not expand to more than ``VALUE_LIMIT``
+values or nest deeper than ``DEPTH_LIMIT`` levels, so a few lines of nested YAML aliases cannot turn
+into billions of nodes. Every float must be finite (``optim.lr=inf`` or ``optim.grad_clip=.nan``
+are refused by name).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +30,80 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 
+FILE_LIMIT = 2**20  # bytes of a config file or mixture spec
+VALUE_LIMIT = 100_000  # values (scalars, lists, mappings) a parsed file may expand to, aliases counted each time
+DEPTH_LIMIT = 64  # nesting levels of a parsed file
+
+
 class ConfigError(ValueError):
-    """A configuration key is unknown, of the wrong type, or has an impossible value."""
+    """A configuration key is unknown, of the wrong type, or has an impossible value, or a config file
+    cannot be read or parsed."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (merge keys ``<<`` may be
+    overridden, as YAML intends)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def check_expansion(value: Any, where: str) -> None:
+    """``ConfigError`` unless ``value`` expands to at most ``VALUE_LIMIT`` values within ``DEPTH_LIMIT``
+    levels (shared objects, as YAML aliases make them, count once per appearance; stops early)."""
+    stack, count = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > VALUE_LIMIT:
+            raise ConfigError(f"{where} expands to more than {VALUE_LIMIT} values (nested YAML aliases?)")
+        if depth > DEPTH_LIMIT:
+            raise ConfigError(f"{where} nests deeper than {DEPTH_LIMIT} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The value of YAML ``text``, parsed strictly (module docstring); ``ConfigError`` naming ``where``."""
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {where}: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"cannot parse {where}: it nests too deeply") from err
+    check_expansion(value, where)
+    return value
+
+
+def read_text_limited(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` if it is a file of at most ``FILE_LIMIT`` bytes; ``ConfigError`` otherwise."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ConfigError(f"{what} {path} is not a file")
+        if size > FILE_LIMIT:
+            raise ConfigError(f"{what} {path} has {size} bytes; at most {FILE_LIMIT} are read")
+        return path.read_bytes()[: FILE_LIMIT + 1].decode()
+    except FileNotFoundError as err:
+        raise ConfigError(f"{what} {path} does not exist") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
 
 
 @dataclass
@@ -146,11 +226,14 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return float(value)
     if typ is float and isinstance(value, str):
         try:
-            return float(value)  # YAML reads 1e-3 as a string
+            value = float(value)  # YAML reads 1e-3 as a string
         except ValueError:
             pass
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {typ.__name__}; got {value!r} ({type(value).__name__})")
+    if typ is float and not math.isfinite(value):
+        kind = "finite positive" if key in _POSITIVE else "finite non-negative" if key in _NON_NEGATIVE else "finite"
+        raise ConfigError(f"{key} must be a {kind} number; got {value!r}")
     return value
 
 
@@ -180,12 +263,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"guard.lr_factor must lie in (0, 1]; got {cfg.guard.lr_factor!r}")
     if not (cfg.guard.spike_factor == 0 or cfg.guard.spike_factor > 1):
         raise ConfigError(f"guard.spike_factor must be 0 (off) or above 1; got {cfg.guard.spike_factor!r}")
-    if not math.isfinite(cfg.eval.grid_rho):
-        raise ConfigError(f"eval.grid_rho must be a finite positive number; got {cfg.eval.grid_rho!r}")
     if any(n < 1 for n in cfg.eval.nfe):
         raise ConfigError(f"eval.nfe entries must be positive step counts; got {cfg.eval.nfe}")
-    if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {cfg.train.device!r}")
+    if not (cfg.train.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.train.device)):
+        raise ConfigError(
+            f"train.device must be auto, cpu, cuda or cuda:N (N a device index); got {cfg.train.device!r}")
     if not isinstance(cfg.method.get("name"), str):
         raise ConfigError("method.name must be given as a string (see `flowmaps methods`)")
     if cfg.teacher is not None and not isinstance(cfg.teacher, str):
@@ -227,19 +309,22 @@ def parse_config(values: dict[str, Any]) -> Config:
 
 
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    """Parse a ``.yaml``/``.yml``/``.toml`` config file into nested dictionaries."""
+    """Parse a ``.yaml``/``.yml``/``.toml`` config file into nested dictionaries, strictly (module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        if path.suffix == ".toml":
-            values = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(path.read_text()) or {}
-        else:
-            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    text = read_text_limited(path, "config file")
+    if path.suffix == ".toml":
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"cannot parse config file {path}: {err}") from err
+        except RecursionError as err:
+            raise ConfigError(f"cannot parse config file {path}: it nests too deeply") from err
+        check_expansion(values, f"config file {path}")
+    else:
+        values = parse_yaml(text, f"config file {path}")
+        values = {} if values is None else values
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return values
@@ -251,7 +336,7 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} must look like section.key=value (e.g. optim.lr=3e-4)")
     path, raw = assignment.split("=", 1)
     section, key = path.split(".", 1)
-    value = yaml.safe_load(raw)
+    value = parse_yaml(raw, f"the value of --set {assignment}")
     target = values.setdefault(section, {})
     if isinstance(target, str):  # method: lsd
         target = values[section] = {"name": target}
@@ -260,7 +345,12 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
     target[key] = value
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` of a run holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_text(cfg))
 
 

@@ -140,7 +140,8 @@ class NonFiniteRecorder:
         self.calls += 1
         names = ("x", "s", "t")
         x, s, t = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
-        bad_in, bad_out = _rows_bad(x), _rows_bad(out)
+        outputs = out if isinstance(out, tuple) else (out,)  # (value, tangent) from a call with tangents
+        bad_in, bad_out = _rows_bad(x), torch.stack([_rows_bad(o) for o in outputs]).any(dim=0)
         bad = bad_in | bad_out
         if not bool(bad.any()):
             return

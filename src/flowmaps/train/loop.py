@@ -9,11 +9,18 @@ A run survives interruptions: checkpoints (``flowmaps.train.checkpoint``) hold e
 next steps depend on, so ``train(cfg, out_dir, resume=True)`` continues bit-identically on the CPU;
 SIGTERM/SIGINT write a checkpoint and raise ``TrainingInterrupted``; non-finite steps and loss spikes
 go to the divergence guard (``flowmaps.train.guard``). ``docs/training.md`` is the user's guide.
+
+The directory holds one run at a time (``flowmaps.train.rundir``): rank 0 holds ``run.lock`` for the
+life of the process (``flowmaps.train.lock``), records the run's identity in every artefact, keeps
+``status.json`` up to date (``running`` at the start and at each checkpoint, then ``finished``,
+``interrupted``, ``diverged`` or ``failed``), and retires the final artefacts of an earlier session
+before training starts, so final weights exist only beside the status and config they belong to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,13 +30,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from flowmaps import runs
-from flowmaps.build import build_model
-from flowmaps.data import get_data
+from flowmaps.build import build_model, load_config
+from flowmaps.data import data_fingerprint, get_data
+from flowmaps.files import WriteError, describe_os_error, dumps, json_safe, read_json, write_json, write_text_atomic
 from flowmaps.evaluation import evaluate, metrics_table
 from flowmaps.methods import LossContext, LossOutput, build_method
 from flowmaps.plots import plot_panels
@@ -38,25 +45,38 @@ from flowmaps.schedules import get_schedule
 from flowmaps.teachers import load_teacher
 from flowmaps.train.auxiliary import AuxiliaryNetworks
 from flowmaps.train.checkpoint import (
-    Checkpoint, CheckpointStore, LoadedCheckpoint, capture_rng, restore_rng, save_weights,
+    STATE_FILE, Checkpoint, CheckpointError, CheckpointStore, LoadedCheckpoint, capture_rng, restore_rng,
+    save_weights_with_manifest,
 )
-from flowmaps.train.config import Config, save_config
+from flowmaps.train.config import Config, config_text
 from flowmaps.train.distributed import DistributedContext, ShardedBatches, StopRequest, check_gradient_sync
 from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceError, DivergenceGuard, diagnose, summarize
+from flowmaps.train.lock import RunLock
 from flowmaps.train.precision import compile_model, grad_scaler, with_precision
+from flowmaps.train.rundir import (
+    CONFIG_FILE, DATA_INFO_FILE, DIVERGENCE_FILE, EMA_WEIGHTS_FILE, LOG_FILE, METRICS_FILE, METRICS_TABLE_FILE,
+    SAMPLES_FILE, WEIGHTS_FILE, WEIGHTS_MANIFEST_FILE, RunDirectoryError, RunIdentity, RunStatus, check_directory,
+    clear_final_artefacts, config_hash, file_config_hash, new_run_id, prepare_new_run, read_status, remove_leftovers,
+    write_status,
+)
 from flowmaps.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger("flowmaps.train")
-LOG_FILE = "train_log.jsonl"
-DIVERGENCE_FILE = "divergence.json"
+# what a checkpoint's state.pt must hold for the trainer to restore it (``auxiliary`` is optional: older runs)
+_STATE_KEYS = {"step": int, "optimizer": dict, "scaler": dict, "ema_updates": int, "data": dict, "guard": dict,
+               "method": dict, "rng": list, "generators": dict}
+_RESUME_CHECKED = ("data", "method", "teacher", "model")  # what a resumed run must share with its checkpoint
 
 
 @dataclass
 class RunResult:
+    """What ``train`` did: ``trained`` is false when a resumed run was already finished under its config."""
+
     run_dir: Path
     metrics: dict[str, Any]
     train_seconds: float
+    trained: bool = True
 
 
 class TrainingInterrupted(Exception):
@@ -119,13 +139,17 @@ class RunLog:
                         lines.append(line)
                 except ValueError:
                     break  # a line cut by a kill ends the usable log
-        self.path.write_text("".join(f"{line}\n" for line in lines))
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in lines))
         self.file = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as strict JSON (non-finite numbers as strings, ``flowmaps.files.dumps``)."""
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(dumps(record) + "\n")
+                self.file.flush()
+            except OSError as err:
+                raise WriteError(f"cannot write {describe_os_error(err, self.path)}", err.errno, self.path) from err
 
     def close(self) -> None:
         if self.file is not None:
@@ -167,56 +191,158 @@ class Trainer:
         self.interval = torch.zeros(2, device=device)  # loss sum and count of healthy steps since the last checkpoint
         self.last_saved: Optional[int] = None
         self.reports: list[dict[str, Any]] = []
+        self.identity = RunIdentity(dist_ctx.gather(new_run_id())[0], config_hash(cfg))  # rank 0's id on every rank
+        self.status: Optional[RunStatus] = None  # rank 0's status.json, once the run has started
+        self.partially_restored = False  # a checkpoint passed its checks but failed half-way through restoring
+        self.described = json_safe({"data": data_fingerprint(cfg.data.name), "method": cfg.method,
+                                    "teacher": cfg.teacher, "model": dataclasses.asdict(cfg.model)})
 
     # -- start ---------------------------------------------------------------------------------------
 
-    def start(self, resume: bool, overwrite: bool) -> None:
-        """Prepare the run directory; on ``resume`` restore the newest valid checkpoint."""
+    def start(self, resume: bool, restart: bool = False) -> bool:
+        """Begin the run in its directory (locked, and for a new run cleared, by ``train``); returns
+        ``False`` when a resumed run is already finished under this config (nothing to do).
+
+        ``resume`` restores the newest valid checkpoint that belongs to this run (same data, method,
+        teacher and model; ``RunDirectoryError`` otherwise) and refuses a target of fewer steps than done.
+        Without a valid checkpoint it refuses too, unless ``restart``: then the run starts again from step 0.
+        """
+        previous = read_status(self.out_dir) if resume else None
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.out_dir)
             self.store.remove_temporaries()
         self.dist.barrier()
+        loaded = None
         if resume:
-            loaded = self.store.latest_valid(report=self._warn)
+            if previous is not None and self._already_finished(previous):
+                self._info(f"{self.out_dir} is already finished ({previous.describe()}): nothing to do")
+                return False
+            if previous is not None and previous.step > self.cfg.train.steps:
+                self._refuse_shrinking(previous.step)
+            loaded = self.store.latest_valid(report=self._warn, use=self._resume_from)
             if loaded is None:
-                self._warn(f"no valid checkpoint in {self.store.root}; starting from step 0")
+                self._without_checkpoint(restart)
             else:
-                self._restore(loaded)
+                run_id = (loaded.run or {}).get("run_id") or (previous.run_id if previous is not None else None)
+                self.identity = RunIdentity(run_id or self.identity.run_id, self.identity.config_hash)
                 self._info(f"resuming from {loaded.checkpoint.path} ({self.step} steps done)")
-        else:
-            existing = self.store.checkpoints()
-            if existing and not overwrite:
-                raise ValueError(
-                    f"{self.out_dir} already holds checkpoints of a run (up to step {existing[-1].step}); continue it "
-                    f"with `flowmaps train --resume {self.out_dir}`, or pass --overwrite to start again"
-                )
-            self.dist.barrier()
-            if existing and self.dist.is_main:
-                shutil.rmtree(self.store.root)
+        if loaded is None:
             self.method.initialize(self.model)
             self.ema = EMA(self.model, self.cfg.optim.ema_decay)
         self.first_step = self.step
         if self.dist.is_main:
-            save_config(self.cfg, self.out_dir / runs.CONFIG_FILE)
-            (self.out_dir / runs.DATA_INFO_FILE).write_text(json.dumps({"dim": self.data.dim, "name": self.data.name}))
-        self.log.open(keep_before=self.step if resume else None)
+            self._begin(previous if resume else None, restarted=resume and loaded is None)
+        self.log.open(keep_before=self.step if loaded is not None else None)
+        return True
+
+    def _already_finished(self, previous: RunStatus) -> bool:
+        """``status.json`` says finished under the ``config.yaml`` beside it, which asks for nothing this
+        resume changes, and the final weights are there."""
+        files = (WEIGHTS_FILE, EMA_WEIGHTS_FILE, WEIGHTS_MANIFEST_FILE)
+        return (previous.state == "finished" and previous.step == self.cfg.train.steps
+                and all((self.out_dir / f).is_file() for f in files)
+                and file_config_hash(self.out_dir) == previous.config_hash
+                and load_config(self.out_dir / CONFIG_FILE) == self.cfg)
+
+    def _refuse_shrinking(self, done: int) -> None:
+        raise RunDirectoryError(
+            f"{self.out_dir} has done {done} steps; train.steps={self.cfg.train.steps} would shrink the run below what "
+            f"it has done (and its config would claim fewer steps than its weights had): give --steps {done} or more")
+
+    def _without_checkpoint(self, restart: bool) -> None:
+        """A resume found no checkpoint it can use: refuse, or (``restart``) start again from step 0."""
+        if not restart:
+            raise RunDirectoryError(
+                f"{self.out_dir} has no valid checkpoint to resume from (in {self.store.root}); pass --restart "
+                "(train(..., restart=True)) to start this run again from step 0 with its config.yaml")
+        if self.partially_restored:
+            raise RunDirectoryError(
+                f"{self.out_dir}: a checkpoint failed half-way through restoring, so --restart cannot start cleanly "
+                "in this process; run the same command again")
+        self._warn(f"no valid checkpoint in {self.store.root}: --restart starts the run again from step 0")
+
+    def _begin(self, previous: Optional[RunStatus], restarted: bool) -> None:
+        """Rank 0: retire an earlier session's final artefacts, then write status, config and data info."""
+        carried = previous.sessions if previous is not None and previous.run_id == self.identity.run_id else []
+        session = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_step": self.step,
+                   "steps": self.cfg.train.steps, "config_hash": self.identity.config_hash}
+        self.status = RunStatus("running", self.step, self.cfg.train.steps, self.identity.run_id,
+                                self.identity.config_hash, sessions=[*carried, session])
+        if previous is None and not restarted:
+            write_status(self.out_dir, self.status)
+        else:
+            kept = clear_final_artefacts(self.out_dir, previous, lambda: write_status(self.out_dir, self.status))
+            if kept is not None:
+                earlier = previous.describe() if previous is not None else "written without status.json"
+                self._info(f"moved the final artefacts of the earlier session ({earlier}) to {kept}")
+        if restarted and self.store.root.exists():
+            shutil.rmtree(self.store.root)
+        write_text_atomic(self.out_dir / CONFIG_FILE, config_text(self.cfg))
+        write_json(self.out_dir / DATA_INFO_FILE, {"dim": self.data.dim, "name": self.data.name})
+
+    def set_status(self, state: str, message: Optional[str] = None) -> None:
+        """Rank 0: record ``state`` at the current step in ``status.json``."""
+        if self.dist.is_main and self.status is not None:
+            self.status.state, self.status.step, self.status.message = state, self.step, message
+            write_status(self.out_dir, self.status)
+
+    def record_failure(self, err: BaseException) -> None:
+        """Record that ``err`` ended the run (``failed``; ``interrupted`` for a second Ctrl-C, which leaves
+        no checkpoint). When even ``status.json`` cannot be written, a note on ``err`` says so: ``err``
+        stays the error raised."""
+        state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        try:
+            self.set_status(state, f"{type(err).__name__}: {err}")
+        except OSError as write_error:
+            err.add_note(f"status.json could not be updated either: {write_error}")
+
+    def _resume_from(self, loaded: LoadedCheckpoint) -> None:
+        """Check that ``loaded`` belongs to this run and fits its step target, then restore it."""
+        if loaded.run is None:
+            self._warn(f"{loaded.checkpoint.path} was written before checkpoints recorded their run: its data, "
+                       "method and model cannot be checked against config.yaml")
+        else:
+            for key in _RESUME_CHECKED:
+                if key in loaded.run and loaded.run[key] != self.described[key]:
+                    raise RunDirectoryError(
+                        f"{self.out_dir} cannot be resumed: its checkpoint {loaded.checkpoint.path.name} was trained "
+                        f"with {key} {loaded.run[key]!r}, but this run has {key} {self.described[key]!r} "
+                        "(a changed config.yaml or data file); start a new run instead (another --out, or --overwrite)")
+        if loaded.checkpoint.step > self.cfg.train.steps:
+            self._refuse_shrinking(loaded.checkpoint.step)
+        self._restore(loaded)
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
-        state = loaded.state
+        """Restore the training state of ``loaded``; ``CheckpointError`` when its ``state.pt`` lacks what a
+        run needs (the caller then falls back to an earlier checkpoint)."""
+        state, path = loaded.state, loaded.checkpoint.path
+        wrong = [f"{k} (missing)" if k not in state else f"{k} ({type(state[k]).__name__}, expected {t.__name__})"
+                 for k, t in _STATE_KEYS.items() if not isinstance(state.get(k), t)]
+        if not wrong and not state["rng"]:
+            wrong = ["rng (empty)"]
+        if wrong:
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is not a training state: {', '.join(wrong)}")
         if len(state["rng"]) != self.dist.world_size:
             self._warn(f"{loaded.checkpoint.path} was written by {len(state['rng'])} process(es), this run has "
                        f"{self.dist.world_size}: the data shards continue their streams, the global RNG states "
                        "of missing ranks are taken from rank 0")
-        loaded.apply_weights(self.model, self.ema.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.ema.num_updates = int(state["ema_updates"])
-        self.batches.load_state_dict(state["data"], state["generators"])
-        self.guard.load_state_dict(state["guard"])
-        self.method.load_state_dict(state["method"])
-        self.auxiliary.load_state_dict(state.get("auxiliary", {}))
-        restore_rng(state["rng"][self.dist.rank if self.dist.rank < len(state["rng"]) else 0])
+        try:
+            loaded.apply_weights(self.model, self.ema.model)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            self.ema.num_updates = int(state["ema_updates"])
+            self.batches.load_state_dict(state["data"], state["generators"])
+            self.guard.load_state_dict(state["guard"])
+            self.method.load_state_dict(state["method"])
+            self.auxiliary.load_state_dict(state.get("auxiliary", {}))
+            restore_rng(state["rng"][self.dist.rank if self.dist.rank < len(state["rng"]) else 0])
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+            self.partially_restored = True
+            raise CheckpointError(
+                f"checkpoint {path}: {STATE_FILE} cannot be restored ({type(err).__name__}: {err})") from err
         self.step = int(state["step"])
         self.last_saved = self.step
         self.interval.zero_()
@@ -343,7 +469,8 @@ class Trainer:
 
     def _roll_back_or_stop(self, step: int, action: str, cause: str) -> str:
         """Restore the last good checkpoint with a lower learning rate, or stop with ``DivergenceError``."""
-        loaded = self.store.latest_valid(report=self._warn) if action == "rollback" else None
+        guard_state = self.guard.state_dict()  # the guard's own count of rollbacks, not the checkpoint's
+        loaded = self.store.latest_valid(report=self._warn, use=self._restore) if action == "rollback" else None
         if loaded is None:
             if action == "rollback":
                 why = "no checkpoint to roll back to"
@@ -352,8 +479,6 @@ class Trainer:
             else:
                 why = f"rollbacks used up ({self.guard.rollbacks}/{self.cfg.guard.max_rollbacks})"
             self._diverged(step, f"{cause}, {why}")
-        guard_state = self.guard.state_dict()
-        self._restore(loaded)
         self.guard.load_state_dict(guard_state)
         self.guard.rolled_back()
         self.first_step = self.step
@@ -367,13 +492,17 @@ class Trainer:
         message = (f"training diverged at step {step}: {why}. Reports: {self.out_dir / DIVERGENCE_FILE}; "
                    f"last checkpoint: {existing[-1].path if existing else 'none'}")
         if self.dist.is_main:
-            (self.out_dir / DIVERGENCE_FILE).write_text(json.dumps(self.reports, indent=1))
+            write_json(self.out_dir / DIVERGENCE_FILE, {"run_id": self.identity.run_id,
+                                                        "config_hash": self.identity.config_hash, "step": step,
+                                                        "reason": why, "reports": self.reports})
         self.log.write({"step": step, "event": "stop", "reason": why})
+        self.set_status("diverged", f"at step {step}: {why}")
         raise DivergenceError(message, self.reports)
 
     def _stop(self, signum: Optional[int]) -> None:
         checkpoint = self.save_checkpoint()
         self.log.write({"step": self.step - 1, "event": "interrupted", "signal": signum, "steps_done": self.step})
+        self.set_status("interrupted", f"by signal {signum}; checkpoint {checkpoint.path.name}")
         raise TrainingInterrupted(signum or signal.SIGTERM, self.step, checkpoint.path)
 
     def _log_step(self, step: int, result: StepResult, elapsed: float) -> None:
@@ -419,34 +548,42 @@ class Trainer:
                 "rng": [g["rng"] for g in gathered],
                 "generators": {k: v for g in gathered for k, v in g["generators"].items()},
             }
-            self.store.save(self.step, self.model, self.ema.model, state, metric)
+            run = {"run_id": self.identity.run_id, "config_hash": self.identity.config_hash, **self.described}
+            self.store.save(self.step, self.model, self.ema.model, state, metric, run=run)
+            self.set_status("running")
         self.last_saved = self.step
         return Checkpoint(path, self.step, metric)
 
     # -- end -----------------------------------------------------------------------------------------
 
     def finish(self, train_seconds: float, evaluate_at_end: bool) -> RunResult:
-        """Write the final weights and (rank 0) evaluate."""
+        """Write the final weights with their manifest, (rank 0) evaluate, and record ``finished`` last."""
         self.log.close()
         if not self.dist.is_main:
             return RunResult(self.out_dir, {}, train_seconds)
-        save_weights(self.model, self.out_dir / runs.WEIGHTS_FILE)
-        save_weights(self.ema.model, self.out_dir / runs.EMA_WEIGHTS_FILE)
+        identity = self.identity.metadata()
+        final = {self.out_dir / WEIGHTS_FILE: self.model, self.out_dir / EMA_WEIGHTS_FILE: self.ema.model}
+        metadata = {**identity, "flowmaps_step": str(self.step)}
+        save_weights_with_manifest(final, self.out_dir / WEIGHTS_MANIFEST_FILE, metadata)
         results: dict[str, Any] = {}
         if evaluate_at_end:
             results, panels = evaluate(self.ema.model, self.data, self.cfg.eval, self.cfg.train.seed, self.dist.device,
                                        self.method.sampler, self.method.schedule)
-            plot_panels(panels, self.out_dir / "samples.png",
+            plot_panels(panels, self.out_dir / SAMPLES_FILE, metadata=identity,
                         title=f"{self.method.name} on {self.data.name}, {self.cfg.train.steps} steps")
-            (self.out_dir / "metrics.md").write_text(metrics_table(results) + "\n")
+            write_text_atomic(self.out_dir / METRICS_TABLE_FILE,
+                              f"{metrics_table(results)}\n\n_run {self.identity.run_id}, config "
+                              f"{self.identity.config_hash[:16]}_\n")
         summary = {"method": self.method.name, "data": self.data.name, "steps": self.cfg.train.steps,
-                   "train_seconds": round(train_seconds, 2), "samplers": results}
-        (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+                   "train_seconds": round(train_seconds, 2), "samplers": results, "run_id": self.identity.run_id,
+                   "config_hash": self.identity.config_hash}
+        write_json(self.out_dir / METRICS_FILE, summary, indent=2)
         if evaluate_at_end:
             write_report(self.out_dir)
         if self.tensorboard is not None:
             self.tensorboard.summary(self.step, results, self.out_dir / "samples.png")
             self.tensorboard.close()
+        self.set_status("finished")
         return RunResult(self.out_dir, summary, train_seconds)
 
     def _info(self, message: str) -> None:
@@ -458,6 +595,23 @@ class Trainer:
             logger.warning(message)
 
 
+def _on_main(dist_ctx: DistributedContext, action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 and share its failure: rank 0 raises its error, every other rank a
+    ``RunDirectoryError`` with its message, so that no rank waits for one that gave up."""
+    error: Optional[Exception] = None
+    if dist_ctx.is_main:
+        try:
+            action()
+        except (RunDirectoryError, OSError, ValueError) as err:
+            error = err
+    if dist_ctx.enabled:
+        message = dist_ctx.gather(None if error is None else str(error))[0]
+        if error is None and message is not None:
+            raise RunDirectoryError(f"rank 0 gave up: {message}")
+    if error is not None:
+        raise error
+
+
 def train(
     cfg: Config,
     out_dir: Path,
@@ -466,26 +620,65 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    restart: bool = False,
 ) -> RunResult:
     """Train a flow map as ``cfg`` says, writing the run directory ``out_dir``.
 
-    ``resume=True`` continues from the newest valid checkpoint in ``out_dir`` (from step 0 when there
-    is none). A fresh start refuses a directory that holds checkpoints unless ``overwrite=True``.
+    Rank 0 holds ``out_dir/run.lock`` until this returns (``RunLockedError`` when another live process
+    holds it). A new run refuses a directory that holds anything (another run, or files flowmaps did not
+    write) unless ``overwrite=True``, which deletes only flowmaps' own files (``flowmaps.train.rundir``).
+    ``resume=True`` continues the run from its newest valid checkpoint, after checking that it belongs
+    to this data, method and model; it refuses when there is none, unless ``restart=True`` (start again
+    from step 0), and does nothing when the run already finished under ``cfg`` (``trained`` false).
     Under ``torchrun`` every process calls this; rank 0 writes the directory and evaluates.
-    Raises ``TrainingInterrupted`` after SIGTERM/SIGINT (a checkpoint was written) and
-    ``DivergenceError`` when the divergence guard gives up.
+    Raises ``TrainingInterrupted`` after SIGTERM/SIGINT (a checkpoint was written), ``DivergenceError``
+    when the divergence guard gives up, ``RunDirectoryError`` for a directory that cannot be used as
+    asked and ``flowmaps.files.WriteError`` when the disk refuses a write; ``status.json`` records each.
     """
+    out_dir = Path(out_dir)
     dist_ctx = DistributedContext.setup(cfg.train.device, cfg.distributed.backend)
+    lock = RunLock(out_dir, warn=logger.warning)
+
+    def take_directory() -> None:
+        check_directory(out_dir)
+        if resume and not out_dir.is_dir():
+            raise FileNotFoundError(f"{out_dir} does not exist: there is no run to resume")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        if not resume:
+            prepare_new_run(out_dir, overwrite)
+
+    try:
+        try:
+            _on_main(dist_ctx, take_directory)
+            return _train_locked(cfg, out_dir, dist_ctx, progress, evaluate_at_end, resume, restart)
+        finally:
+            lock.release()
+    finally:
+        dist_ctx.close()
+
+
+def _train_locked(cfg: Config, out_dir: Path, dist_ctx: DistributedContext, progress: bool, evaluate_at_end: bool,
+                  resume: bool, restart: bool) -> RunResult:
+    """``train`` once the directory is this process's: build, start, run, finish, recording a failure."""
+    trainer: Optional[Trainer] = None
     try:
         trainer = Trainer(cfg, out_dir, dist_ctx, progress)
+        if not trainer.start(resume, restart):
+            metrics = out_dir / METRICS_FILE
+            summary = read_json(metrics, "metrics file") if metrics.is_file() else {}
+            return RunResult(out_dir, summary, 0.0, trained=False)
         try:
-            trainer.start(resume, overwrite)
             seconds = trainer.run()
         finally:
             trainer.log.close()
         return trainer.finish(seconds, evaluate_at_end)
-    finally:
-        dist_ctx.close()
+    except (TrainingInterrupted, DivergenceError):
+        raise  # status.json already says so
+    except BaseException as err:
+        if trainer is not None:
+            trainer.record_failure(err)
+        raise
 
 
 def default_run_dir(cfg: Config, root: Optional[Path] = None) -> Path:
