@@ -185,7 +185,7 @@ class Trainer:
         self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
         self.guard = DivergenceGuard(cfg.guard)
         self.log = RunLog(self.out_dir / LOG_FILE, dist_ctx.is_main)
-        self.tensorboard = TensorBoardLog(self.out_dir) if cfg.train.tensorboard and dist_ctx.is_main else None
+        self.tensorboard: Optional[TensorBoardLog] = None  # opened by start, once the run directory is ours
         self.step = 0  # optimiser steps done
         self.first_step = 0
         self.interval = torch.zeros(2, device=device)  # loss sum and count of healthy steps since the last checkpoint
@@ -233,6 +233,8 @@ class Trainer:
         if self.dist.is_main:
             self._begin(previous if resume else None, restarted=resume and loaded is None)
         self.log.open(keep_before=self.step if loaded is not None else None)
+        if self.cfg.train.tensorboard and self.dist.is_main:
+            self.tensorboard = TensorBoardLog(self.out_dir)
         return True
 
     def _already_finished(self, previous: RunStatus) -> bool:
