@@ -35,7 +35,7 @@ the flow-map error against the exact map, and network-evaluation (NFE) counting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -194,6 +194,12 @@ class FlowMapReference:
     pairs: list[tuple[float, float]]
     x_s: list[torch.Tensor]
     exact: list[torch.Tensor]
+
+    def only(self, keep: Callable[[float, float], bool]) -> "FlowMapReference":
+        """The pairs ``(s, t)`` for which ``keep(s, t)`` holds (e.g. a sampler's ``trained``)."""
+        chosen = [i for i, (s, t) in enumerate(self.pairs) if keep(s, t)]
+        return FlowMapReference([self.pairs[i] for i in chosen], [self.x_s[i] for i in chosen],
+                                [self.exact[i] for i in chosen])
 
 
 def flow_map_reference(

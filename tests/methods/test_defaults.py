@@ -21,7 +21,7 @@ from flowmaps.build import config_from_dict
 from flowmaps.data import get_data
 from flowmaps.methods import get_method_class, method_names
 from flowmaps.build import build_model
-from flowmaps.metrics import FlowMapReference, energy_distance, flow_map_error, flow_map_reference, time_pair_grid
+from flowmaps.metrics import energy_distance, flow_map_error, flow_map_reference, time_pair_grid
 from flowmaps.samplers import get_sampler
 from flowmaps.train.loop import train
 
@@ -56,14 +56,6 @@ def held_out(tmp_path_factory):
             "untrained": build_model(config(data, "fm", None), 2).eval()}
 
 
-def trained_pairs(reference: FlowMapReference, sampler_name: str) -> FlowMapReference:
-    """The reference pairs the method trains: all, ``t = 0`` (consistency) or ``s = 1`` (one step)."""
-    sampler = get_sampler(sampler_name)
-    keep = [i for i, (s, t) in enumerate(reference.pairs) if sampler.trained(s, t)]
-    return FlowMapReference([reference.pairs[i] for i in keep], [reference.x_s[i] for i in keep],
-                            [reference.exact[i] for i in keep])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", method_names())
 def test_default_options_train_on_a_held_out_mixture(held_out, name):
@@ -81,7 +73,7 @@ def test_default_options_train_on_a_held_out_mixture(held_out, name):
                   for k in steps}
     print(name, {k: round(v, 3) for k, v in scores.items()})
     assert all(v < BOUND for v in scores.values()), scores
-    pairs = trained_pairs(held_out["pairs"], cls.sampler)
+    pairs = held_out["pairs"].only(sampler.trained)
     if pairs.pairs:  # a diffusion model (fm) trains no pair s > t
         error, untrained = flow_map_error(model, pairs).mean, flow_map_error(held_out["untrained"], pairs).mean
         assert error < 0.5 * untrained, (error, untrained)

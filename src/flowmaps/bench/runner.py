@@ -139,13 +139,6 @@ def _step_label(k: int) -> str:
     return f"{k} step{'s' if k > 1 else ''}"
 
 
-def _trained_pairs(reference: metrics.FlowMapReference, sampler: Sampler) -> metrics.FlowMapReference:
-    """The reference pairs a method trains: all (flow maps), ``t = 0`` (consistency), ``s = 1`` (one-step)."""
-    chosen = [i for i, (s, t) in enumerate(reference.pairs) if sampler.trained(s, t)]
-    return metrics.FlowMapReference([reference.pairs[i] for i in chosen], [reference.x_s[i] for i in chosen],
-                                    [reference.exact[i] for i in chosen])
-
-
 @torch.no_grad()
 def _sample_model(
     cfg: BenchConfig, model: FlowMap, method: str, measure: "_Measure", noise: torch.Tensor,
@@ -253,7 +246,7 @@ def run_method(cfg: BenchConfig, dataset: str, method: str, seed: int, out_dir: 
         _sample_model(cfg, model, method, measure, ctx.noise, sampler, diagonal or cfg.ode_scope == "all",
                       panels, schedule, seed)
         if ctx.fm_reference is not None and sampler is not None:
-            error = metrics.flow_map_error(model, _trained_pairs(ctx.fm_reference, sampler))
+            error = metrics.flow_map_error(model, ctx.fm_reference.only(sampler.trained))
             measure.scalar(method, FLOW_MAP, "flow_map_error", error.mean)
             measure.scalar(method, FLOW_MAP, "flow_map_error_1_to_0", error.per_pair[(1.0, 0.0)])
         if sampler is not None and sampler.ode_baseline:
