@@ -158,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * factor * spikes.lr_scale
         batch_size = args.late_batch if args.late_batch and progress >= args.late_fraction else cfg.train.batch_size
-        batch = Batch(data.sample(batch_size, generator))
+        batch = data.sample(batch_size, generator)
         # curricula see the elapsed share of the budget: the step count the budget would reach at this pace
         total_steps = max(step + 1, round(step / progress)) if progress > 0 else 10**9
         loss = method.loss(model, batch, generator, LossContext(step, total_steps, ema.model))
@@ -210,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"record: trained {step} steps in {elapsed:.0f}s of training time ({len(skipped)} loss spikes skipped)")
 
     final = score(ema.model, args.eval_seed, ode_steps=args.ode_steps, rho=rho)
-    exact_samples = data.sample(N_SAMPLES, torch.Generator().manual_seed(args.eval_seed))
+    exact_samples = data.sample(N_SAMPLES, torch.Generator().manual_seed(args.eval_seed)).x0
     floors = {f"floor{'_' + p.rstrip('_') if p else ''}": metrics.histogram_kl(t, exact_samples) for p, t in _targets().items()}
     curve = []
     probe = build_model(cfg, 2)
@@ -244,7 +244,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     gen = torch.Generator().manual_seed(args.eval_seed)
     noise = torch.randn(N_SAMPLES, 2, generator=gen)
     with torch.no_grad():
-        panels = {"data": data.sample(N_SAMPLES, gen),
+        panels = {"data": data.sample(N_SAMPLES, gen).x0,
                   **{f"{k} step{'s' * (k > 1)}": sample_flow_map(ema.model, noise, time_grid(k, rho=rho)) for k in NFE}}
     grid = "uniform grid" if rho == 1 else f"grid rho {rho:g}"
     plot_panels(panels, out / "samples.png", title=f"checkerboard record: {step} steps, {elapsed / 60:.1f} min, {grid}")

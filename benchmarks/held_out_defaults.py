@@ -37,7 +37,7 @@ def score(run: Path, data_file: Path, steps: int) -> float:
     model = flowmaps.load(run)
     data = get_data(str(data_file))
     g = torch.Generator().manual_seed(2024)
-    exact, noise = data.sample(20000, g), torch.randn(20000, 2, generator=g)
+    exact, noise = data.sample(20000, g).x0, torch.randn(20000, 2, generator=g)
     with torch.no_grad():
         x = flowmaps.sample(model, noise, steps, schedule=data.mixture.schedule, generator=g)
     return energy_distance(x[:8000], exact[:8000]) / energy_distance(noise[:8000], exact[:8000])

@@ -54,12 +54,16 @@ def test_feature_mismatch_is_rejected():
         _model()(torch.randn(4, 5), 1.0, 0.0)
 
 
-def test_class_conditional_mlp_needs_cond():
+def test_class_conditional_mlp_takes_labels_and_the_null_class():
     model = FlowMap(MLP(2, width=16, depth=1, num_classes=3))
-    out = model(torch.randn(4, 2), 1.0, 0.0, cond=torch.tensor([0, 1, 2, 0]))
+    x = torch.randn(4, 2)
+    out = model(x, 1.0, 0.0, cond=torch.tensor([0, 1, 2, -1]))
     assert out.shape == (4, 2)
-    with pytest.raises(ValueError, match="class-conditional"):
-        model(torch.randn(4, 2), 1.0, 0.0)
+    assert torch.equal(model(x, 1.0, 0.0)[3], out[3])  # cond=None is the null class (-1) of every row
+    with pytest.raises(ValueError, match="class label 3 is out of range"):
+        model(x, 1.0, 0.0, cond=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="unconditional"):
+        FlowMap(MLP(2, width=16, depth=1))(x, 1.0, 0.0, cond=torch.tensor([0, 1, 2, 0]))
 
 
 def test_forward_with_tangents_applies_the_product_rule():

@@ -5,7 +5,7 @@ import torch
 
 from flowmaps.jvp import jvp
 from flowmaps.oracle import Gaussian, GaussianMixture
-from flowmaps.schedules import LinearSchedule
+from flowmaps.schedules import CosineSchedule, LinearSchedule
 from tests.conftest import small_mixture
 
 
@@ -178,3 +178,119 @@ def test_exact_average_velocity_diagonal_and_off_diagonal():
     t = torch.rand(6, dtype=torch.float64)
     assert torch.allclose(model.velocity(x, t), mix.velocity(x, t))
     assert torch.allclose(model(x, 0.9, 0.1), mix.flow_map(x, 0.9, 0.1), atol=1e-10)
+
+
+def labelled_mixture(schedule=None) -> GaussianMixture:
+    """Three components in two classes: class 0 holds components 0 and 2, class 1 only component 1."""
+    return GaussianMixture([0.2, 0.5, 0.3], [[-1.0, 0.5], [1.0, -0.5], [0.5, 1.5]],
+                           [[0.3, 0.2], [0.25, 0.4], [0.5, 0.3]], schedule=schedule, labels=[0, 1, 0])
+
+
+def test_conditional_mixture_keeps_the_class_components_with_renormalised_weights():
+    mix = labelled_mixture()
+    assert mix.num_classes == 2 and mix.labels.tolist() == [0, 1, 0]
+    zero, one = mix.conditional(0), mix.conditional(1)
+    assert torch.allclose(zero.weights, torch.tensor([0.4, 0.6], dtype=torch.float64))
+    assert torch.equal(zero.means, mix.means[[0, 2]]) and torch.equal(zero.stds, mix.stds[[0, 2]])
+    assert one.weights.tolist() == [1.0] and zero.labels is None and zero.num_classes == 0
+    assert mix.with_schedule(CosineSchedule()).labels.tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match=r"class 2 is out of range: this mixture's classes are 0 .. 1"):
+        mix.conditional(2)
+    with pytest.raises(ValueError, match="class -1 is out of range"):
+        mix.conditional(-1)
+    with pytest.raises(ValueError, match="this mixture has no labels"):
+        small_mixture().conditional(0)
+
+
+def test_conditional_velocity_row_by_row_and_null_rows_unconditional(schedule):
+    mix = labelled_mixture(schedule)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    t = torch.rand(9, generator=g, dtype=torch.float64)
+    cond = torch.tensor([0, 1, -1, 1, 0, -1, 0, 1, -1])
+    v = mix.velocity(x, t, cond)
+    f = mix.denoiser(x, t, cond)
+    for c, reference in ((0, mix.conditional(0)), (1, mix.conditional(1)), (-1, mix)):
+        rows = cond == c
+        assert torch.allclose(v[rows], reference.velocity(x[rows], t[rows]), atol=1e-12)
+        assert torch.allclose(f[rows], reference.denoiser(x[rows], t[rows]), atol=1e-12)
+    assert torch.equal(mix.velocity(x, t, torch.full((9,), -1)), mix.velocity(x, t))
+    assert not torch.allclose(mix.velocity(x, t, torch.zeros(9, dtype=torch.long)), mix.velocity(x, t))
+
+
+def test_single_component_class_matches_the_gaussian_closed_form(schedule):
+    """Class 1 is one Gaussian: its conditional velocity and flow map are the closed-form ones."""
+    mix = labelled_mixture(schedule)
+    closed = Gaussian(mix.means[1], mix.stds[1], schedule=schedule)
+    x, s, t, _ = _points(16, 2, seed=2)
+    ones = torch.ones(16, dtype=torch.long)
+    assert torch.allclose(mix.velocity(x, t, ones), closed.velocity(x, t), atol=1e-12)
+    assert torch.allclose(mix.flow_map(x, s, t, ones), closed.flow_map(x, s, t), atol=1e-7)
+
+
+def test_conditional_flow_map_solves_the_conditional_ode():
+    """Per row the map is class cond[i]'s (-1: the unconditional one), and d/dt F(x, s, t, c) = v(F, t, c)."""
+    mix = labelled_mixture()
+    x, s, t, _ = _points(12, 2, seed=3)
+    cond = torch.tensor([0, 1, -1] * 4)
+    moved = mix.flow_map(x, s, t, cond)
+    for c, reference in ((0, mix.conditional(0)), (1, mix.conditional(1)), (-1, mix)):
+        rows = cond == c
+        assert torch.allclose(moved[rows], reference.flow_map(x[rows], s[rows], t[rows]), atol=1e-7)
+    jump, d_dt = jvp(lambda t_: mix.flow_map(x, s, t_, cond), (t,), (torch.ones_like(t),),
+                     backend="finite_difference", fd_step=1e-5)
+    assert torch.allclose(d_dt, mix.velocity(jump, t, cond), atol=1e-5)
+
+
+def test_labelled_samples_carry_their_components_class_and_draw_the_same_x():
+    mix = GaussianMixture([1, 1, 2], [[-4.0], [4.0], [8.0]], [[0.1]] * 3, labels=[1, 0, 0])
+    plain = mix.sample(3000, torch.Generator().manual_seed(0))
+    x, labels = mix.sample(3000, torch.Generator().manual_seed(0), return_labels=True)
+    assert torch.equal(x, plain) and labels.dtype == torch.int64 and labels.shape == (3000,)
+    assert torch.equal(labels, (x[:, 0] < 0).long())  # the component at -4 is class 1
+    with pytest.raises(ValueError, match="return_labels=True needs a labelled mixture"):
+        small_mixture().sample(3, return_labels=True)
+
+
+def test_bad_labels_and_conditions_are_named():
+    means, stds = [[0.0], [1.0]], [[1.0], [1.0]]
+    with pytest.raises(ValueError, match="labels must be integers"):
+        GaussianMixture([1, 1], means, stds, labels=[0.0, 1.0])
+    with pytest.raises(ValueError, match=r"labels must have shape \[K\] = \[2\]"):
+        GaussianMixture([1, 1], means, stds, labels=[0])
+    with pytest.raises(ValueError, match="labels must be >= 0; component 1 has label -1"):
+        GaussianMixture([1, 1], means, stds, labels=[0, -1])
+    with pytest.raises(ValueError, match=r"class\(es\) \[0\] have no component"):
+        GaussianMixture([1, 1], means, stds, labels=[1, 1])
+    mix, x = labelled_mixture(), torch.zeros(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cond\[1\] = 2 is not a class of this mixture \(its classes are 0 .. 1\)"):
+        mix.velocity(x, 0.5, torch.tensor([0, 2, -1]))
+    with pytest.raises(ValueError, match=r"cond\[0\] = -2 is not a class"):
+        mix.flow_map(x, 0.9, 0.1, torch.tensor([-2, 0, 0]))
+    with pytest.raises(ValueError, match=r"cond must be a \[B\] = \[3\] integer tensor"):
+        mix.velocity(x, 0.5, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"cond\[0\] = 0 is not a class of this mixture \(it has no labels\)"):
+        small_mixture().velocity(torch.zeros(3, 2), 0.5, torch.tensor([0, -1, -1]))
+    with pytest.raises(ValueError, match="it has no labels"):
+        Gaussian([0.0], [1.0]).flow_map(torch.zeros(2, 1), 0.9, 0.1, torch.tensor([0, 0]))
+
+
+def test_exact_average_velocity_and_teacher_pass_the_condition_and_any_shape():
+    from flowmaps.flow_map import FlowMap
+    from flowmaps.oracle import ExactAverageVelocity
+    from flowmaps.teachers import ExactTeacher
+
+    mix = GaussianMixture([1, 1], [[0.0] * 4, [1.0] * 4], [[0.5] * 4] * 2, labels=[0, 1])
+    cond = torch.tensor([0, 1, -1, 1])
+    x = torch.randn(4, 4, dtype=torch.float64)
+    t = torch.full((4,), 0.3, dtype=torch.float64)
+    model = FlowMap(ExactAverageVelocity(mix))
+    assert torch.allclose(model.velocity(x, t, cond), mix.velocity(x, t, cond))
+    assert torch.allclose(model(x, 0.9, 0.1, cond), mix.flow_map(x, 0.9, 0.1, cond), atol=1e-10)
+    teacher = ExactTeacher(mix)
+    images = x.reshape(4, 1, 2, 2)
+    s = torch.full((4,), 0.9, dtype=torch.float64)
+    assert torch.allclose(teacher.velocity(images, t, cond), mix.velocity(x, t, cond).reshape(4, 1, 2, 2))
+    jumped = teacher.flow_map(images, s, t, cond)
+    assert jumped.shape == (4, 1, 2, 2)
+    assert torch.allclose(jumped.reshape(4, 4), mix.flow_map(x, s, t, cond), atol=1e-5)

@@ -16,16 +16,18 @@ import torch
 from flowmaps.flow_map import FlowMap
 from flowmaps.memory import check_fits
 from flowmaps.methods import build_method
-from flowmaps.nets import backbone_names, build_backbone
+from flowmaps.nets import build_backbone, resolve_backbone_options
 from flowmaps.schedules import get_schedule
 from flowmaps.train import tensorboard
 from flowmaps.train.config import Config, ConfigError, parse_config, read_config_file
 
 
 def check_backbone(cfg: Config) -> None:
-    """``cfg.model.backbone`` must be a registered backbone."""
-    if cfg.model.backbone not in backbone_names():
-        raise ConfigError(f"model.backbone must be one of {backbone_names()}; got {cfg.model.backbone!r}")
+    """``cfg.model.backbone`` must be a registered backbone and the other ``model`` keys its options."""
+    try:
+        resolve_backbone_options(cfg.model.backbone, cfg.model.options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model: {err}") from err
 
 
 def check_method(cfg: Config) -> None:
@@ -56,17 +58,18 @@ def load_config(path: Union[str, Path]) -> Config:
     return config_from_dict(read_config_file(path))
 
 
-def build_model(cfg: Config, dim: int) -> FlowMap:
-    """A ``FlowMap`` over the ``model.backbone`` network for ``dim``-dimensional data. The network is
-    first built on the ``meta`` device (shapes only): one the CPU cannot hold is a ``MemoryLimitError``
-    naming its size before anything is allocated."""
+def build_model(cfg: Config, shape: Union[int, tuple[int, ...]]) -> FlowMap:
+    """A ``FlowMap`` over the ``model.backbone`` network for samples of shape ``shape`` (an int: vectors
+    of that dimension). The network is first built on the ``meta`` device (shapes only): one the CPU
+    cannot hold is a ``MemoryLimitError`` naming its size before anything is allocated; a shape the
+    backbone cannot take is a ``ValueError`` naming it."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     with torch.device("meta"):
-        shapes = build_backbone(cfg.model, dim)
+        shapes = build_backbone(cfg.model, shape)
     nbytes = sum(t.numel() * t.element_size() for t in (*shapes.parameters(), *shapes.buffers()))
     m = cfg.model
-    check_fits(nbytes, torch.device("cpu"), f"a {m.backbone} model of width {m.width}, depth {m.depth} on "
-                                            f"{dim}-dimensional data")
-    return FlowMap(build_backbone(cfg.model, dim))
+    check_fits(nbytes, torch.device("cpu"), f"a {m.backbone} model ({m.to_dict()}) on data of shape {list(shape)}")
+    return FlowMap(build_backbone(cfg.model, shape), shape=shape, num_classes=m.num_classes)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
@@ -122,11 +123,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def class_labels(spec: Optional[str], n: int, num_classes: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The ``[n]`` labels ``--class`` asks for: ``K`` or ``K1,K2,...`` (cycled over the samples), ``all``
+    (every class in turn; the default of a class-conditional model) or ``none`` (the null class: the
+    unconditional model, ``None``). An unconditional model takes no ``--class``."""
+    if num_classes == 0:
+        if spec not in (None, "none"):
+            raise ValueError(f"--class {spec}: this run's model is unconditional (model.num_classes = 0); it takes no "
+                             "class labels")
+        return None
+    spec = "all" if spec is None else spec
+    if spec == "none":
+        return None
+    if spec == "all":
+        classes = list(range(num_classes))
+    else:
+        try:
+            classes = [int(k) for k in spec.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--class must be a class index, a comma-separated list of them, all or none; "
+                             f"got {spec!r}") from err
+        bad = [k for k in classes if not 0 <= k < num_classes]
+        if bad:
+            raise ValueError(f"--class {spec}: class {bad[0]} is out of range: this model has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
+    return torch.tensor(classes, device=device).repeat(-(-n // len(classes)))[:n]
+
+
 def _sample(args: argparse.Namespace) -> int:
     from flowmaps.build import load_config, resolve_device
     from flowmaps.files import atomic_write, write_json
     from flowmaps.memory import check_fits, out_of_memory
-    from flowmaps.runs import CONFIG_FILE, data_dim, load
+    from flowmaps.evaluation import sample_in_chunks
+    from flowmaps.plots import save_image_grid
+    from flowmaps.runs import CONFIG_FILE, data_info, load
     from flowmaps.samplers import get_sampler, sample_ode, time_grid
     from flowmaps.schedules import get_schedule
 
@@ -142,22 +172,26 @@ def _sample(args: argparse.Namespace) -> int:
     sampler = None if args.ode else get_sampler(args.sampler or model.sampler)
     if sampler is not None:
         sampler.check_steps(args.nfe)
-    dim, cfg = data_dim(run_dir), load_config(run_dir / CONFIG_FILE)
-    request = f"--n {args.n} ({args.n} samples of dimension {dim} through a network of width {cfg.model.width})"
-    check_fits(4 * args.n * (4 * dim + 3 * cfg.model.width), device, request)  # noise, samples, copies, activations
+    cfg = load_config(run_dir / CONFIG_FILE)
+    shape = data_info(run_dir).shape
+    labels = class_labels(args.classes, args.n, model.num_classes, device)
+    dim = math.prod(shape)
+    request = f"--n {args.n} ({args.n} samples of shape {list(shape)})"
+    check_fits(4 * args.n * 8 * dim, device, request)  # noise, samples, copies and a few activations per sample
     try:
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        noise = torch.randn(args.n, dim, generator=gen, device=device)
+        noise = torch.randn(args.n, *shape, generator=gen, device=device)
         with torch.no_grad():
             if sampler is None:
-                x = sample_ode(model, noise, grid, "euler")
+                x = sample_in_chunks(lambda z, c: sample_ode(model, z, grid, "euler", c), noise, labels)
             else:
-                x = sampler.sample(model, noise, args.nfe, rho=args.rho, schedule=get_schedule(cfg.train.schedule),
-                                   generator=gen)
+                x = sample_in_chunks(lambda z, c: sampler.sample(model, z, args.nfe, c, rho=args.rho,
+                                                                 schedule=get_schedule(cfg.train.schedule),
+                                                                 generator=gen), noise, labels)
         array = x.cpu().numpy()
     except (MemoryError, torch.OutOfMemoryError) as err:
         raise out_of_memory(err, request, device) from err
-    bad_rows = int((~np.isfinite(array)).any(axis=1).sum())
+    bad_rows = int((~np.isfinite(array.reshape(args.n, -1))).any(axis=1).sum())
     if bad_rows:
         raise FloatingPointError(f"{bad_rows} of {args.n} samples from {run_dir} ({model.provenance['weights']}) are "
                                  f"non-finite (NaN or inf): the map overflows; nothing was written to {out}")
@@ -171,8 +205,11 @@ def _sample(args: argparse.Namespace) -> int:
     source = model.provenance
     meta = {"run": str(run_dir), "sampler": name, "method_sampler": model.sampler, "nfe": args.nfe, "rho": args.rho,
             "n": args.n, "seed": args.seed, "weights": "raw" if args.raw else "ema", "weights_file": source["weights"],
-            "run_id": source["run_id"], "config_hash": source["config_hash"], "run_state": source["state"]}
+            "run_id": source["run_id"], "config_hash": source["config_hash"], "run_state": source["state"],
+            "shape": list(shape), "classes": None if labels is None else labels.cpu().tolist()}
     write_json(out.with_suffix(".json"), meta)
+    if len(shape) == 3:
+        save_image_grid(x, out.with_suffix(".png"))
     print(f"flowmaps: wrote {args.n} samples ({name}, {args.nfe} NFE) to {out} (metadata {out.with_suffix('.json')})")
     return 0
 
@@ -194,6 +231,22 @@ def _methods(args: argparse.Namespace) -> int:
     print(f"{'name':<15}{'rule':<15}{'setting':<19}{'cost':>5}  {'sampler':<13}summary")
     for r in rows:
         print(f"{r['name']:<15}{r['rule']:<15}{r['setting']:<19}{r['cost']:>5}  {r['sampler']:<13}{r['summary']}")
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from flowmaps.nets import backbone_entry, backbone_names
+
+    if args.name:
+        entry = backbone_entry(args.name)
+        defaults, docs = entry.options.defaults(), entry.options.docs()
+        print(f"{args.name}: {entry.summary}\n  model.num_classes > 0 adds a class embedding with a null class\n\n"
+              f"{'option':<24}{'default':<18}meaning")
+        for key in sorted(defaults):
+            print(f"{key:<24}{str(defaults[key]):<18}{docs.get(key, '')}")
+        return 0
+    for name in backbone_names():
+        print(f"{name:<8}{backbone_entry(name).summary}")
     return 0
 
 
@@ -275,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-noises; one_step takes F(eps, 1, 0)); written into the output's .json metadata")
     p.add_argument("--ode", action="store_true", help="use the diagonal as an Euler ODE sampler instead")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--class", dest="classes", metavar="K",
+                   help="class-conditional models: a class, a comma-separated list (cycled), all (default) or none")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="sample a run that has not finished (running, interrupted, diverged, failed) from its newest "
@@ -305,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with a NAME, that method's options with their defaults and meaning")
     p.add_argument("name", nargs="?", choices=method_names(), metavar="NAME", help="a method (see the list)")
     p.set_defaults(func=_methods)
+
+    from flowmaps.nets import backbone_names
+
+    p = sub.add_parser("backbones", help="list network backbones (model.backbone); with a NAME, its options")
+    p.add_argument("name", nargs="?", choices=backbone_names(), metavar="NAME", help="a backbone (see the list)")
+    p.set_defaults(func=_backbones)
     return parser
 
 

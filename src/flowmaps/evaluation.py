@@ -1,26 +1,48 @@
-"""End-of-run evaluation: sample quality of the flow map at each NFE and of the ODE baseline."""
+"""End-of-run evaluation: sample quality of the flow map at each NFE and of the ODE baseline.
+
+Two scorers, chosen by the data:
+
+- ``VectorScorer`` (vectors, and images without a labelled test split): energy distance, MMD,
+  sliced Wasserstein on the flattened samples, the checkerboard's histogram KL under both
+  estimators, and for class-conditional samples the mean over classes of the energy distance to
+  that class's data (``class_energy_distance``: exact class-conditional samples for labelled
+  mixtures, spec §7).
+- ``ImageScorer`` (images with labels and a test split, e.g. Fashion-MNIST): Fréchet distance,
+  precision and recall in the feature space of the in-project classifier (trained once per data
+  set and cached, ``flowmaps.metrics.classifier``) against the real test set, and the class
+  accuracy of conditional samples; the floor is one half of the test set against the other.
+
+Class-conditional models are sampled for the labels of a fresh data sample, so the classes come in
+the data's proportions; every sampler sees the same noise and labels.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from flowmaps import metrics
 from flowmaps.data import DataSource
+from flowmaps.methods import Batch
 from flowmaps.samplers import get_sampler, ode_nfe, sample_ode
 from flowmaps.schedules import Schedule
 from flowmaps.train.config import EvalConfig
 
 ENERGY_SAMPLES = 4096
 MMD_SAMPLES = 2048
+CHUNK_VALUES = 2**17  # sample values (rows x sample size) per network call during evaluation
+GRID_PER_CLASS = 8  # images per class (or per row) in an image panel
+GRID_ROWS = 10
 
 
 def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, data_name: str) -> dict[str, float]:
     """Energy distance (first 4096 points), MMD (first 2048), sliced Wasserstein and, for the
     checkerboard, the histogram KL (all points) of ``samples`` under both estimators of the bin
     probabilities (``hist_kl``: exact; ``hist_kl_midpoint``: the density at the bin centres)."""
+    samples, reference = samples.reshape(samples.shape[0], -1), reference.reshape(reference.shape[0], -1)
     out = {
         "energy_distance": metrics.energy_distance(samples[:ENERGY_SAMPLES], reference[:ENERGY_SAMPLES]),
         "mmd": metrics.mmd(samples[:MMD_SAMPLES], reference[:MMD_SAMPLES]),
@@ -32,6 +54,82 @@ def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, data_name: st
     return out
 
 
+def class_energy_distance(samples: torch.Tensor, labels: torch.Tensor, reference: Batch) -> float:
+    """Mean over the classes present in ``labels`` of the energy distance between the samples made for
+    class ``c`` and the reference rows of class ``c`` (at most ``ENERGY_SAMPLES`` each)."""
+    flat, ref = samples.reshape(samples.shape[0], -1), reference.x0.reshape(reference.x0.shape[0], -1)
+    distances = []
+    for c in labels.unique().tolist():
+        mine, theirs = flat[labels == c][:ENERGY_SAMPLES], ref[reference.cond == c][:ENERGY_SAMPLES]
+        if len(mine) > 1 and len(theirs) > 1:
+            distances.append(metrics.energy_distance(mine, theirs))
+    return float(sum(distances) / len(distances)) if distances else math.nan
+
+
+class VectorScorer:
+    """Sample metrics of flattened samples against a fresh data sample (module docstring)."""
+
+    def __init__(self, data: DataSource, reference: Batch, second: Batch):
+        self.name, self.reference, self.second = data.name, reference, second
+
+    def floor(self) -> dict[str, float]:
+        return self(self.second.x0, self.second.cond)
+
+    def __call__(self, samples: torch.Tensor, labels: Optional[torch.Tensor]) -> dict[str, float]:
+        out = sample_metrics(samples, self.reference.x0, self.name)
+        if labels is not None and self.reference.cond is not None:
+            out["class_energy_distance"] = class_energy_distance(samples, labels, self.reference)
+        return out
+
+
+class ImageScorer:
+    """Classifier-feature metrics against the real test split (``flowmaps.metrics.ImageMetrics``)."""
+
+    def __init__(self, data: DataSource, fingerprint: str, device: torch.device):
+        from flowmaps.metrics import ImageMetrics, load_or_train_classifier
+
+        test = data.test_split()
+        classifier = load_or_train_classifier(fingerprint, lambda: _classifier_data(data), data.num_classes,
+                                              device=device)
+        self.metrics = ImageMetrics(classifier, test.x0, test.cond)
+        self.classifier_accuracy = classifier.accuracy
+
+    def floor(self) -> dict[str, float]:
+        return self.metrics.floor()
+
+    def __call__(self, samples: torch.Tensor, labels: Optional[torch.Tensor]) -> dict[str, float]:
+        return self.metrics(samples, labels)
+
+
+def _classifier_data(data: DataSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training and test images and labels of ``data``, for the feature classifier."""
+    train, test = data.full_split(), data.test_split()
+    return train.x0, train.cond, test.x0, test.cond
+
+
+def uses_image_metrics(data: DataSource) -> bool:
+    """Image data with labels and a test split is scored in classifier-feature space."""
+    return len(data.shape) == 3 and data.num_classes > 0 and data.test_split() is not None
+
+
+def sample_in_chunks(fn: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], noise: torch.Tensor,
+                     labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """``fn(noise, labels)`` over row chunks of at most ``CHUNK_VALUES`` values, concatenated on the CPU."""
+    size = max(1, CHUNK_VALUES // math.prod(noise.shape[1:]))
+    parts = [fn(noise[i:i + size], None if labels is None else labels[i:i + size]).cpu()
+             for i in range(0, noise.shape[0], size)]
+    return torch.cat(parts)
+
+
+def panel_rows(labels: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Indices of the images an image panel shows: ``GRID_PER_CLASS`` of each of the first
+    ``GRID_ROWS`` classes (a row per class), or the first ``GRID_ROWS x GRID_PER_CLASS`` rows."""
+    if labels is None:
+        return torch.arange(min(n, GRID_ROWS * GRID_PER_CLASS))
+    rows = [torch.nonzero(labels == c).flatten()[:GRID_PER_CLASS] for c in labels.unique()[:GRID_ROWS].tolist()]
+    return torch.cat([r for r in rows if len(r) == GRID_PER_CLASS] or [torch.arange(min(n, GRID_PER_CLASS))])
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -41,41 +139,53 @@ def evaluate(
     device: torch.device,
     sampler: str = "flow_map",
     schedule: Optional[Schedule] = None,
+    fingerprint: Optional[str] = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Metrics of ``model``'s samples against fresh data, with the floor of two exact data samples.
+    """Metrics of ``model``'s samples (module docstring), with the floor of two exact data samples.
 
     ``sampler`` is the method's own (``flowmaps.samplers.SAMPLERS``), run at every ``cfg.nfe`` it
     supports on the grid ``time_grid(k, rho=cfg.grid_rho)``; ``consistency`` re-noises with
     ``schedule`` between steps. Samplers whose map has a trained diagonal (``flow_map``) add the
-    diagonal's ODE baseline. Returns ``(metrics, samples)``; ``samples`` maps panel names (``data``,
-    ``1 step``, ..., ``ODE heun (64 NFE)``) to ``[n, D]`` CPU tensors for plotting.
+    diagonal's ODE baseline. ``fingerprint`` names the data for the classifier cache (image metrics).
+    Returns ``(metrics, panels)``; ``panels`` maps panel names (``data``, ``1 step``, ...,
+    ``ODE heun (64 NFE)``) to CPU tensors to plot: points, or for images one row per class.
     """
     chosen = get_sampler(sampler)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     n = cfg.n_samples
-    reference = data.sample(n, gen).cpu()
-    second = data.sample(n, gen).cpu()
-    noise = torch.randn(n, data.dim, generator=gen, device=device)
+    reference, second = data.sample(n, gen), data.sample(n, gen)
+    reference, second = Batch(reference.x0.cpu(), _cpu(reference.cond)), Batch(second.x0.cpu(), _cpu(second.cond))
+    conditional = getattr(model, "num_classes", 0) > 0
+    labels = reference.cond.to(device) if conditional else None
+    noise = torch.randn(n, *data.shape, generator=gen, device=device)
+    scorer = (ImageScorer(data, fingerprint or data.name, device) if uses_image_metrics(data)
+              else VectorScorer(data, reference, second))
     results: dict[str, Any] = {
-        "floor (two data samples)": sample_metrics(second, reference, data.name),
-        "noise (untrained scale)": sample_metrics(noise.cpu(), reference, data.name),
+        "floor (two data samples)": scorer.floor(),
+        "noise (untrained scale)": scorer(noise.cpu(), _cpu(labels)),
     }
-    panels = {"data": reference}
+    shown = panel_rows(_cpu(labels), n) if len(data.shape) == 3 else torch.arange(n)
+    panels = {"data": reference.x0[shown]}  # row i: data of the class samples of row i were made for
     for k in [k for k in cfg.nfe if chosen.max_steps is None or k <= chosen.max_steps]:
-        x = chosen.sample(model, noise, k, rho=cfg.grid_rho, schedule=schedule, generator=gen).cpu()
-        results[chosen.label(k, cfg.grid_rho)] = {"nfe": k, **sample_metrics(x, reference, data.name)}
-        panels[f"{k} step{'s' if k > 1 else ''}"] = x
+        x = sample_in_chunks(lambda z, c: chosen.sample(model, z, k, c, rho=cfg.grid_rho, schedule=schedule,
+                                                        generator=gen), noise, labels)
+        results[chosen.label(k, cfg.grid_rho)] = {"nfe": k, **scorer(x, _cpu(labels))}
+        panels[f"{k} step{'s' if k > 1 else ''}"] = x[shown]
     if chosen.ode_baseline:
-        x = sample_ode(model, noise, cfg.ode_steps, cfg.ode_solver).cpu()
+        x = sample_in_chunks(lambda z, c: sample_ode(model, z, cfg.ode_steps, cfg.ode_solver, c), noise, labels)
         nfe = ode_nfe(cfg.ode_steps, cfg.ode_solver)
-        results[f"ODE {cfg.ode_solver} {cfg.ode_steps} steps"] = {"nfe": nfe, **sample_metrics(x, reference, data.name)}
-        panels[f"ODE {cfg.ode_solver} ({nfe} NFE)"] = x
+        results[f"ODE {cfg.ode_solver} {cfg.ode_steps} steps"] = {"nfe": nfe, **scorer(x, _cpu(labels))}
+        panels[f"ODE {cfg.ode_solver} ({nfe} NFE)"] = x[shown]
     return results, panels
 
 
+def _cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.cpu()
+
+
 def metrics_table(results: dict[str, dict[str, float]]) -> str:
-    """A Markdown table with one row per sampler and one column per metric."""
-    columns = sorted({k for row in results.values() for k in row if k != "nfe"})
+    """A Markdown table with one row per sampler and one column per (scalar) metric."""
+    columns = sorted({k for row in results.values() for k, v in row.items() if k != "nfe" and not isinstance(v, dict)})
     lines = ["| sampler | NFE | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for name, row in results.items():
         cells = [f"{row[c]:.4g}" if c in row else "" for c in columns]

@@ -44,13 +44,18 @@ class FlowMap(nn.Module):
     or ``[B]`` tensors; with ``check_times=True`` (the default for users) they are validated to lie
     in ``[0, 1]``, which costs a device synchronisation, so training code passes ``False``.
     ``sampler`` names the sampler of the method that trained the map (``flowmaps.samplers.SAMPLERS``;
-    ``flowmaps.load`` sets it from the run), which ``flowmaps.samplers.sample`` uses.
+    ``flowmaps.load`` sets it from the run), which ``flowmaps.samplers.sample`` uses. ``shape`` (one
+    sample's shape) and ``num_classes`` (0: unconditional) say what the map was built for
+    (``flowmaps.build.build_model`` sets them), so a sampler can draw noise and check labels.
     """
 
-    def __init__(self, net: nn.Module, sampler: str = "flow_map"):
+    def __init__(self, net: nn.Module, sampler: str = "flow_map", shape: Optional[tuple[int, ...]] = None,
+                 num_classes: int = 0):
         super().__init__()
         self.net = net
         self.sampler = sampler
+        self.shape = None if shape is None else tuple(shape)
+        self.num_classes = num_classes
 
     def forward(
         self,

@@ -12,11 +12,16 @@ marginals ``N(alpha_t mu_k, q_{k,t})``; the denoiser is ``E[x_0 | x_t] = sum_k P
 with ``E_k[x_0 | x] = mu_k + alpha_t c_k^2 (x - alpha_t mu_k) / q_{k,t}``. The exact flow map of a
 mixture is that ODE solved in float64 with an adaptive Dormand-Prince 5(4) integrator.
 All computations run in float64; results are returned in the input's dtype.
+
+A labelled mixture gives each component a class (spec §7). Its class-conditional velocity
+``v(x, t, c)`` is the velocity of the mixture over class ``c``'s components with their weights
+renormalised within the class, i.e. the posterior weights restricted to those components and
+renormalised; a row whose label is ``NULL_LABEL`` (-1) gets the unconditional velocity.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,17 +29,21 @@ from torch import nn
 from flowmaps.schedules import LinearSchedule, Schedule
 from flowmaps.time_args import TimeLike, as_batch_time, check_unit_interval
 
-ArrayLike = Union[Sequence, torch.Tensor]
+ArrayLike = Sequence | torch.Tensor
+
+NULL_LABEL = -1  # the label of "no class" (``flowmaps.nets.NULL_CLASS``): that row is unconditional
 
 
 class GaussianMixture:
     """``sum_k w_k N(mu_k, diag(c_k^2))`` with exact velocity, denoiser, samples and flow map.
 
     ``weights`` ``[K]`` (normalised here), ``means`` ``[K, D]``, ``stds`` ``[K, D]`` (or ``[K]`` /
-    a scalar for isotropic components), all positive.
+    a scalar for isotropic components), all positive. ``labels`` ``[K]`` (optional) gives each
+    component a class; the classes are ``0 .. num_classes - 1`` and each has at least one component.
     """
 
-    def __init__(self, weights: ArrayLike, means: ArrayLike, stds: ArrayLike, schedule: Optional[Schedule] = None):
+    def __init__(self, weights: ArrayLike, means: ArrayLike, stds: ArrayLike, schedule: Schedule | None = None,
+                 labels: ArrayLike | None = None):
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
         mu = torch.as_tensor(means, dtype=torch.float64)
         if mu.dim() == 1:
@@ -57,10 +66,20 @@ class GaussianMixture:
         self.means = mu
         self.stds = c
         self.schedule = schedule if schedule is not None else LinearSchedule()
+        self.labels = None if labels is None else _check_component_labels(labels, w.shape[0])
 
-    def with_schedule(self, schedule: Schedule) -> "GaussianMixture":
+    def with_schedule(self, schedule: Schedule) -> GaussianMixture:
         """The same data distribution under another noise schedule (velocity and flow map change with it)."""
-        return GaussianMixture(self.weights, self.means, self.stds, schedule)
+        return GaussianMixture(self.weights, self.means, self.stds, schedule, self.labels)
+
+    def conditional(self, c: int) -> GaussianMixture:
+        """The (unlabelled) mixture of class ``c``'s components, their weights renormalised (spec §7)."""
+        if self.labels is None:
+            raise ValueError(f"this mixture has no labels, so it has no class {c}")
+        if not 0 <= c < self.num_classes:
+            raise ValueError(f"class {c} is out of range: this mixture's classes are 0 .. {self.num_classes - 1}")
+        members = self.labels == c
+        return GaussianMixture(self.weights[members], self.means[members], self.stds[members], self.schedule)
 
     @property
     def dim(self) -> int:
@@ -70,21 +89,31 @@ class GaussianMixture:
     def num_components(self) -> int:
         return self.weights.shape[0]
 
+    @property
+    def num_classes(self) -> int:
+        """The number of classes (``max(labels) + 1``); 0 for an unlabelled mixture."""
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
     def _params(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.weights.to(device), self.means.to(device), self.stds.to(device)
 
     # ----- sampling -------------------------------------------------------------------------
     def sample(
-        self, n: int, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu"
-    ) -> torch.Tensor:
-        """``n`` exact samples of ``x_0`` (float32), drawn with ``generator``."""
+        self, n: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+        return_labels: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``n`` exact samples of ``x_0`` (float32), drawn with ``generator``; with ``return_labels``
+        also the ``[n]`` int64 classes of the components they were drawn from (a labelled mixture only)."""
+        if return_labels and self.labels is None:
+            raise ValueError("return_labels=True needs a labelled mixture; this one has no labels")
         w, mu, c = self._params(torch.device(device))
         k = torch.multinomial(w, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, device=device, dtype=torch.float64)
-        return (mu[k] + c[k] * z).float()
+        x = (mu[k] + c[k] * z).float()
+        return (x, self.labels.to(k.device)[k]) if return_labels else x
 
     def sample_xt(
-        self, n: int, t: float, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu"
+        self, n: int, t: float, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """``n`` exact samples of the marginal at time ``t`` (``alpha_t x_0 + sigma_t eps``)."""
         x0 = self.sample(n, generator, device)
@@ -92,8 +121,12 @@ class GaussianMixture:
         return self.schedule.sample_xt(x0, eps, t)
 
     # ----- marginal quantities ----------------------------------------------------------------
-    def _component_stats(self, x: torch.Tensor, t: torch.Tensor):
-        """Per-component posterior log-weights ``[B, K]``, marginal variances ``[B, K, D]`` and coefficients."""
+    def _component_stats(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None):
+        """Per-component posterior log-weights ``[B, K]``, marginal variances ``[B, K, D]`` and coefficients.
+
+        With ``cond`` (checked by ``_check_cond``) row ``i``'s posterior is restricted to the components
+        of class ``cond[i]`` and renormalised; rows labelled ``NULL_LABEL`` keep every component.
+        """
         w, mu, c = self._params(x.device)
         tt = t[:, None, None]
         sch = self.schedule
@@ -102,21 +135,29 @@ class GaussianMixture:
         diff = x[:, None, :] - a * mu[None]  # [B, K, D]
         log_norm = -0.5 * (diff**2 / q + torch.log(2 * torch.pi * q)).sum(-1)
         log_post = torch.log(w)[None] + log_norm
+        if cond is not None:
+            labels = self.labels.to(x.device)
+            allowed = (labels[None] == cond[:, None]) | (cond[:, None] == NULL_LABEL)  # [B, K]
+            log_post = log_post.masked_fill(~allowed, -torch.inf)
         log_post = log_post - torch.logsumexp(log_post, dim=1, keepdim=True)
         return log_post, q, diff, a, s, da, ds, mu, c
 
-    def velocity(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """The exact marginal velocity ``v(x, t) = E[alpha' x_0 + sigma' eps | x_t = x]``."""
+    def velocity(self, x: torch.Tensor, t: TimeLike, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact velocity ``v(x, t) = E[alpha' x_0 + sigma' eps | x_t = x]``; with ``cond`` (``[B]``
+        class labels, ``NULL_LABEL`` for none) row ``i``'s is conditioned on class ``cond[i]``."""
         x64, t64 = self._inputs(x, t)
-        log_post, q, diff, a, s, da, ds, mu, c = self._component_stats(x64, t64)
+        return self._velocity(x64, t64, self._check_cond(cond, x64)).to(x.dtype)
+
+    def _velocity(self, x64: torch.Tensor, t64: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        log_post, q, diff, a, s, da, ds, mu, c = self._component_stats(x64, t64, cond)
         dq = 2 * (a * da * c[None] ** 2 + s * ds)
         v_k = da * mu[None] + dq / (2 * q) * diff
-        return (log_post.exp()[..., None] * v_k).sum(1).to(x.dtype)
+        return (log_post.exp()[..., None] * v_k).sum(1)
 
-    def denoiser(self, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """The exact denoiser ``E[x_0 | x_t = x]``."""
+    def denoiser(self, x: torch.Tensor, t: TimeLike, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact denoiser ``E[x_0 | x_t = x]`` (given class ``cond[i]`` in row ``i``, as ``velocity``)."""
         x64, t64 = self._inputs(x, t)
-        log_post, q, diff, a, s, da, ds, mu, c = self._component_stats(x64, t64)
+        log_post, q, diff, a, _, _, _, mu, c = self._component_stats(x64, t64, self._check_cond(cond, x64))
         f_k = mu[None] + a * c[None] ** 2 * diff / q
         return (log_post.exp()[..., None] * f_k).sum(1).to(x.dtype)
 
@@ -132,47 +173,96 @@ class GaussianMixture:
         return torch.logsumexp(torch.log(w)[None] + log_norm, dim=1).to(x.dtype)
 
     def _inputs(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected x of shape [B, {self.dim}] for this mixture; got {tuple(x.shape)}")
-        x64 = x.to(torch.float64)
+        x64 = self._float64(x)
         return x64, as_batch_time(t, x64)
 
+    def _float64(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected x of shape [B, {self.dim}] for this mixture; got {tuple(x.shape)}")
+        return x.to(torch.float64)
+
+    def _check_cond(self, cond: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """``cond`` as a ``[B]`` int64 tensor on ``x``'s device whose labels are classes of this mixture
+        or ``NULL_LABEL``; ``None`` when it is ``None`` or every row is unconditional."""
+        if cond is None:
+            return None
+        if cond.shape != (x.shape[0],) or cond.dtype.is_floating_point or cond.dtype.is_complex:
+            raise ValueError(f"cond must be a [B] = [{x.shape[0]}] integer tensor of class labels; "
+                             f"got {cond.dtype} of shape {tuple(cond.shape)}")
+        cond = cond.to(device=x.device, dtype=torch.int64)
+        unconditional = cond == NULL_LABEL
+        if bool(unconditional.all()):
+            return None
+        bad = ~unconditional & ((cond < 0) | (cond >= self.num_classes))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            classes = (f"its classes are 0 .. {self.num_classes - 1}" if self.labels is not None
+                       else "it has no labels")
+            raise ValueError(f"cond[{row}] = {int(cond[row])} is not a class of this mixture ({classes}) "
+                             f"nor the null label {NULL_LABEL}")
+        return cond
+
     # ----- flow map ---------------------------------------------------------------------------
-    def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, rtol: float = 1e-9, atol: float = 1e-10) -> torch.Tensor:
-        """The exact ``F(x, s, t)``: the probability-flow ODE solved from ``s`` to ``t`` in float64.
+    def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: torch.Tensor | None = None,
+                 rtol: float = 1e-9, atol: float = 1e-10) -> torch.Tensor:
+        """The exact ``F(x, s, t)`` (given class ``cond[i]`` in row ``i``, as ``velocity``): the
+        probability-flow ODE of that velocity solved from ``s`` to ``t`` in float64.
 
         Times may differ per example: the ODE is integrated in ``tau in [0, 1]`` with
         ``time = s + tau (t - s)`` and ``dx/dtau = (t - s) v(x, time)``.
         """
-        x64 = x.to(torch.float64)
+        x64 = self._float64(x)
         sb, tb = as_batch_time(s, x64, "s"), as_batch_time(t, x64, "t")
         check_unit_interval(sb, "s")
         check_unit_interval(tb, "t")
+        labels = self._check_cond(cond, x64)
         gap = (tb - sb)[:, None]
 
         def rhs(tau: float, y: torch.Tensor) -> torch.Tensor:
-            return gap * self.velocity(y, sb + tau * (tb - sb))
+            return gap * self._velocity(y, sb + tau * (tb - sb), labels)
 
         return integrate_dopri5(rhs, x64, rtol=rtol, atol=atol).to(x.dtype)
+
+
+def _check_component_labels(labels: ArrayLike, num_components: int) -> torch.Tensor:
+    """``labels`` as a ``[K]`` int64 tensor of classes ``0 .. C - 1``, each the class of some component."""
+    tensor = torch.as_tensor(labels)
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise ValueError(f"mixture labels must be integers (one class per component); got {tensor.tolist()}")
+    if tensor.shape != (num_components,):
+        raise ValueError(f"mixture labels must have shape [K] = [{num_components}] (one class per component); "
+                         f"got shape {tuple(tensor.shape)}")
+    tensor = tensor.to(torch.int64)
+    if bool((tensor < 0).any()):
+        k = int((tensor < 0).nonzero()[0, 0])
+        raise ValueError(f"mixture labels must be >= 0; component {k} has label {int(tensor[k])}")
+    empty = sorted(set(range(int(tensor.max()) + 1)) - set(tensor.tolist()))
+    if empty:
+        raise ValueError(f"mixture labels must use every class 0 .. {int(tensor.max())}; class(es) {empty} "
+                         "have no component")
+    return tensor
 
 
 class Gaussian(GaussianMixture):
     """A single Gaussian ``N(mu, diag(c^2))``, whose flow map and velocity are in closed form."""
 
-    def __init__(self, mean: ArrayLike, std: ArrayLike, schedule: Optional[Schedule] = None):
+    def __init__(self, mean: ArrayLike, std: ArrayLike, schedule: Schedule | None = None):
         mu = torch.as_tensor(mean, dtype=torch.float64).flatten()
         c = torch.broadcast_to(torch.as_tensor(std, dtype=torch.float64), mu.shape)
         super().__init__([1.0], mu[None], c[None], schedule)
 
-    def with_schedule(self, schedule: Schedule) -> "Gaussian":
+    def with_schedule(self, schedule: Schedule) -> Gaussian:
         return Gaussian(self.means[0], self.stds[0], schedule)
 
-    def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, rtol: float = 0.0, atol: float = 0.0) -> torch.Tensor:
-        """``F(x, s, t) = alpha_t mu + sqrt(q_t / q_s) (x - alpha_s mu)`` (exact; tolerances unused)."""
+    def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: torch.Tensor | None = None,
+                 rtol: float = 0.0, atol: float = 0.0) -> torch.Tensor:
+        """``F(x, s, t) = alpha_t mu + sqrt(q_t / q_s) (x - alpha_s mu)`` (exact; tolerances unused).
+        A single Gaussian has no classes: ``cond`` may only hold ``NULL_LABEL``."""
         x64 = x.to(torch.float64)
         sb, tb = as_batch_time(s, x64, "s"), as_batch_time(t, x64, "t")
         check_unit_interval(sb, "s")
         check_unit_interval(tb, "t")
+        self._check_cond(cond, x64)
         mu, c = self.means[0].to(x.device), self.stds[0].to(x.device)
         sch = self.schedule
 
@@ -238,12 +328,12 @@ class ExactAverageVelocity(nn.Module):
         self.diagonal_tol = diagonal_tol
 
     def forward(
-        self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
         gap = (t - s)[:, None]
         on_diagonal = gap.abs() < self.diagonal_tol
         if bool(on_diagonal.all()):  # the ODE sampler's calls: no flow map to integrate
-            return self.target.velocity(x, t)
+            return self.target.velocity(x, t, cond)
         safe_gap = torch.where(on_diagonal, torch.ones_like(gap), gap)
-        average = (self.target.flow_map(x, s, t) - x) / safe_gap
-        return torch.where(on_diagonal, self.target.velocity(x, t), average)
+        average = (self.target.flow_map(x, s, t, cond) - x) / safe_gap
+        return torch.where(on_diagonal, self.target.velocity(x, t, cond), average)

@@ -15,6 +15,8 @@ always did, after the finite-value check (it has no manifest to verify against).
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -34,16 +36,46 @@ logger = logging.getLogger("flowmaps.runs")
 MAX_DIM = 2**20  # data dimensions a run directory may declare
 
 
-def data_dim(run_dir: Path) -> int:
-    """The data dimension recorded in ``data_info.json`` (a positive integer of sensible size)."""
+@dataclass(frozen=True)
+class DataInfo:
+    """What ``data_info.json`` records of a run's data: its name, one sample's shape, its classes."""
+
+    name: str
+    shape: tuple[int, ...]
+    num_classes: int = 0
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def data_info(run_dir: Path) -> DataInfo:
+    """The data a run was trained on, from ``data_info.json`` (``shape`` and ``num_classes``; a run written
+    before they were recorded has ``dim`` alone: vectors, unlabelled), checked for sensible values."""
     path = run_dir / DATA_INFO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a complete flowmaps run directory (no {DATA_INFO_FILE})")
     info = read_json(path, "data info file")
-    dim = info.get("dim") if isinstance(info, dict) else None
-    if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= MAX_DIM:
-        raise RunDirectoryError(f"{path} does not hold a data dimension between 1 and {MAX_DIM}; got {dim!r}")
-    return dim
+    if not isinstance(info, dict):
+        raise RunDirectoryError(f"{path} must hold a JSON object; got {type(info).__name__}")
+    shape = info.get("shape", [info.get("dim")])
+    if (not isinstance(shape, list) or not shape or not all(map(_positive_int, shape))
+            or not math.prod(shape) <= MAX_DIM):
+        raise RunDirectoryError(f"{path} does not hold a sample shape of positive sizes with at most {MAX_DIM} "
+                                f"values; got {shape!r}")
+    num_classes = info.get("num_classes", 0)
+    if not (num_classes == 0 or _positive_int(num_classes)):
+        raise RunDirectoryError(f"{path} does not hold a class count (a non-negative integer); got {num_classes!r}")
+    return DataInfo(str(info.get("name", "")), tuple(shape), num_classes)
+
+
+def data_dim(run_dir: Path) -> int:
+    """The data dimension (values per sample) of a run, from ``data_info.json``."""
+    return data_info(run_dir).dim
 
 
 def _verify_final(run_dir: Path, name: str, expected: RunIdentity, model: FlowMap) -> dict[str, Any]:
@@ -105,7 +137,11 @@ def load(
             "allow_unfinished=True (flowmaps sample --allow-unfinished)")
     cfg = load_config(run_dir / CONFIG_FILE)
     device = resolve_device(str(device))
-    model = build_model(cfg, data_dim(run_dir)).to(device)
+    info = data_info(run_dir)
+    if info.num_classes != cfg.model.num_classes:
+        raise RunDirectoryError(f"{run_dir}: {DATA_INFO_FILE} records {info.num_classes} classes but config.yaml "
+                                f"has model.num_classes = {cfg.model.num_classes}")
+    model = build_model(cfg, info.shape).to(device)
     model.sampler = get_method_class(cfg.method["name"]).sampler
     name = EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE
     if status is None:
@@ -122,4 +158,5 @@ def load(
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["CONFIG_FILE", "DATA_INFO_FILE", "EMA_WEIGHTS_FILE", "WEIGHTS_FILE", "data_dim", "load"]
+__all__ = ["CONFIG_FILE", "DATA_INFO_FILE", "EMA_WEIGHTS_FILE", "WEIGHTS_FILE", "DataInfo", "data_dim", "data_info",
+           "load"]

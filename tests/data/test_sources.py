@@ -1,23 +1,29 @@
+"""The ``DataSource`` contract and ``get_data``'s dispatch: built-in sets, fingerprints, unknown specs."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from flowmaps.data import BUILTIN, get_data
+from flowmaps.data import BUILTIN, data_fingerprint, get_data
+from flowmaps.methods.base import Batch
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
-def test_builtin_sets_are_2d_finite_and_seeded(name):
+def test_builtin_sets_are_2d_unlabelled_finite_and_seeded(name):
     data = get_data(name)
     a = data.sample(512, torch.Generator().manual_seed(0))
     b = get_data(name).sample(512, torch.Generator().manual_seed(0))
-    assert a.shape == (512, 2) and torch.isfinite(a).all() and torch.equal(a, b)
-    assert 0.2 < a.std().item() < 1.5
+    assert isinstance(a, Batch) and a.cond is None
+    assert data.shape == (2,) and data.dim == 2 and data.num_classes == 0
+    assert a.x0.shape == (512, 2) and a.x0.dtype == torch.float32 and torch.isfinite(a.x0).all()
+    assert torch.equal(a.x0, b.x0) and 0.2 < a.x0.std().item() < 1.5
+    assert data.test_split() is None and data.full_split() is None and not data.shared_order
 
 
 def test_checkerboard_support():
-    x = get_data("checkerboard").sample(20000, torch.Generator().manual_seed(0))
+    x = get_data("checkerboard").sample(20000, torch.Generator().manual_seed(0)).x0
     assert bool((x.abs() <= 1).all())
     u = (x + 1) / 2
     assert bool(((torch.floor(4 * u[:, 0]) + torch.floor(4 * u[:, 1])) % 2 == 0).all())
@@ -27,50 +33,19 @@ def test_checkerboard_support():
     assert (counts > 0).sum() == 8 and counts.max() < 1.1 * counts[counts > 0].min()
 
 
-def test_npy_epochs_cover_every_row_once(tmp_path):
-    arr = np.arange(20, dtype=np.float32).reshape(10, 2)
-    np.save(tmp_path / "d.npy", arr)
-    data = get_data(str(tmp_path / "d.npy"))
-    g = torch.Generator()
-    rows = torch.cat([data.sample(3, g) for _ in range(3)] + [data.sample(1, g)])
-    assert sorted(rows[:, 0].tolist()) == sorted(arr[:, 0].tolist())
-    state = data.state_dict()
-    nxt = data.sample(4, g)
-    again = get_data(str(tmp_path / "d.npy"))
-    again.load_state_dict(state)
-    assert torch.equal(again.sample(4, g), nxt)
-
-
-def test_npy_with_nan_is_rejected(tmp_path):
-    arr = np.zeros((5, 2))
-    arr[3, 1] = np.nan
-    np.save(tmp_path / "bad.npy", arr)
-    with pytest.raises(ValueError, match=r"non-finite value\(s\).*row 3, column 1"):
-        get_data(str(tmp_path / "bad.npy"))
-
-
-def test_npy_wrong_rank_is_rejected(tmp_path):
-    np.save(tmp_path / "bad.npy", np.zeros((4, 2, 2)))
-    with pytest.raises(ValueError, match=r"shape \[N, D\]; got shape \(4, 2, 2\)"):
-        get_data(str(tmp_path / "bad.npy"))
-
-
-def test_mixture_spec_json_and_yaml(tmp_path):
-    spec = {"weights": [1, 3], "means": [[0, 0], [2, 1]], "stds": [[0.1, 0.1], [0.2, 0.3]]}
-    (tmp_path / "m.json").write_text(json.dumps(spec))
-    (tmp_path / "m.yaml").write_text("weights: [1, 3]\nmeans: [[0, 0], [2, 1]]\nstds: [[0.1, 0.1], [0.2, 0.3]]\n")
-    for f in ("m.json", "m.yaml"):
-        data = get_data(str(tmp_path / f))
-        x = data.sample(40000, torch.Generator().manual_seed(0))
-        assert data.mixture is not None and data.dim == 2
-        assert torch.allclose(x.mean(0), torch.tensor([1.5, 0.75]), atol=0.03)
-
-
-def test_bad_mixture_spec_and_unknown_data(tmp_path):
-    (tmp_path / "m.json").write_text(json.dumps({"weights": [1], "means": [[0, 0]]}))
-    with pytest.raises(ValueError, match=r"missing keys \['stds'\]"):
-        get_data(str(tmp_path / "m.json"))
-    with pytest.raises(ValueError, match="unknown data 'swissroll'"):
+def test_unknown_and_missing_data(tmp_path):
+    with pytest.raises(ValueError, match="unknown data 'swissroll'.*fashion-mnist.*folder of class sub-folders"):
         get_data("swissroll")
-    with pytest.raises(ValueError, match="does not exist"):
-        get_data(str(tmp_path / "missing.npy"))
+    for name in ("missing.npy", "missing.npz", "missing.json"):
+        with pytest.raises(ValueError, match=f"data file .*{name} does not exist"):
+            get_data(str(tmp_path / name))
+
+
+def test_fingerprints_name_what_was_read(tmp_path):
+    assert data_fingerprint("moons") == "builtin:moons"
+    np.save(tmp_path / "a.npy", np.zeros((3, 2)))
+    np.save(tmp_path / "b.npy", np.ones((3, 2)))
+    fa, fb = data_fingerprint(str(tmp_path / "a.npy")), data_fingerprint(str(tmp_path / "b.npy"))
+    assert fa.startswith("sha256:") and fa != fb and fa == data_fingerprint(str(tmp_path / "a.npy"))
+    (tmp_path / "m.json").write_text(json.dumps({"weights": [1], "means": [[0]], "stds": [[1]]}))
+    assert data_fingerprint(str(tmp_path / "m.json")).startswith("sha256:")

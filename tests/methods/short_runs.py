@@ -53,7 +53,7 @@ def distances(model, method: str, directory: Path) -> tuple[float, float]:
     """Energy distances of 1-step and 4-step samples of ``model`` to 4000 exact mixture samples."""
     data = get_data(str(mixture_file(directory)))
     g = torch.Generator().manual_seed(123)
-    exact, noise = data.sample(4000, g), torch.randn(4000, 2, generator=g)
+    exact, noise = data.sample(4000, g).x0, torch.randn(4000, 2, generator=g)
     anchored = get_method_class(method).sampler == "consistency"
     with torch.no_grad():
         one = sample_flow_map(model, noise, 1)

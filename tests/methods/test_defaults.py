@@ -51,7 +51,7 @@ def held_out(tmp_path_factory):
     g = torch.Generator().manual_seed(7)
     torch.manual_seed(0)
     return {"root": root, "data": data, "fm": fm, "schedule": source.mixture.schedule,
-            "exact": source.sample(6000, g), "noise": torch.randn(6000, 2, generator=g),
+            "exact": source.sample(6000, g).x0, "noise": torch.randn(6000, 2, generator=g),
             "pairs": flow_map_reference(source.mixture, time_pair_grid(5), n=512, generator=g),
             "untrained": build_model(config(data, "fm", None), 2).eval()}
 

@@ -175,13 +175,6 @@ def test_bad_options_are_named(gaussian, name, options, message):
         build_method(name, gaussian.schedule, teacher=teacher, **options)
 
 
-def test_freeflow_refuses_conditional_batches(gaussian):
-    method = make("freeflow", gaussian)
-    batch = Batch(torch.zeros(4, 3, dtype=torch.float64), cond=torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="unconditional"):
-        method.loss(exact_model(gaussian), batch, torch.Generator().manual_seed(0))
-
-
 @pytest.mark.parametrize("name,options", [("tvm", {})])
 def test_training_state_survives_a_checkpoint(gaussian, name, options):
     """TVM's EMA target goes through

@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
     grid = time_pair_grid(5)
     out = {
         "path": path,
-        "exact": data.sample(2000, g),
+        "exact": data.sample(2000, g).x0,
         "noise": torch.randn(2000, 2, generator=g),
         "grid": flow_map_reference(data.mixture, grid, n=512, generator=g),
         "source_one": flow_map_reference(data.mixture, [p for p in grid if p[0] == 1.0], n=512, generator=g),

@@ -176,7 +176,8 @@ def test_a_divergence_of_a_fused_jvp_method_is_reported_not_a_traceback(tmp_path
     (["--set", "optim.lr=[1,2"], "cannot parse the value of --set optim.lr=[1,2"),
     (["--device", "cuda:abc"], "train.device must be auto, cpu, cuda or cuda:N (N a device index); got 'cuda:abc'"),
     (["--set", "model.width=1000000000", "--set", "model.depth=3"],
-     "a mlp model of width 1000000000, depth 3 on 2-dimensional data needs at least"),
+     "a mlp model ({'backbone': 'mlp', 'num_classes': 0, 'width': 1000000000, 'depth': 3}) on data of shape [2] "
+     "needs at least"),
 ])
 def test_bad_train_arguments(tmp_path, capsys, args, message):
     assert main(["train", "--out", str(tmp_path / "run"), *TINY, *args]) == 2
@@ -187,8 +188,7 @@ def test_bad_train_arguments(tmp_path, capsys, args, message):
 @pytest.mark.parametrize("args,message", [
     (["--device", "bogus"], "device 'bogus' is not one of auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:abc"], "device 'cuda:abc' is not one of"),
-    (["--n", "10000000000"], "--n 10000000000 (10000000000 samples of dimension 2 through a network of width 16) "
-                             "needs at least"),
+    (["--n", "10000000000"], "--n 10000000000 (10000000000 samples of shape [2]) needs at least"),
 ])
 def test_bad_sample_arguments(finished, tmp_path, capsys, args, message):
     assert main(["sample", str(finished), "--out", str(tmp_path / "s.npy"), *args]) == 2
@@ -261,7 +261,7 @@ def test_no_usable_checkpoint_is_a_named_refusal(finished, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"dim": 1000000000000, "name": "x"}', "does not hold a data dimension between 1 and"),
+    ('{"dim": 1000000000000, "name": "x"}', "does not hold a sample shape of positive sizes"),
     ("{not json", "data info file"),
 ])
 def test_a_malformed_data_info_file(finished, tmp_path, capsys, content, message):

@@ -83,9 +83,9 @@ class _Fails(nn.Module):
 def test_compile_check_rejects_wrong_or_failing_tangents():
     model = _flow_map()
     with pytest.raises(CompileCheckError, match="fails in torch"):
-        check_compiled_tangents(_Fails(), model, 2, torch.device("cpu"))
+        check_compiled_tangents(_Fails(), model, (2,), torch.device("cpu"))
     with pytest.raises(CompileCheckError, match="tangent differs from the eager one"):
-        check_compiled_tangents(_DropsTimeTangent(model), model, 2, torch.device("cpu"), backend="func")
+        check_compiled_tangents(_DropsTimeTangent(model), model, (2,), torch.device("cpu"), backend="func")
 
 
 @pytest.mark.slow

@@ -182,9 +182,9 @@ def seed_context(cfg: BenchConfig, dataset: str, seed: int) -> SeedContext:
     device = torch.device(cfg.device)
     data = get_data(dataset)
     gen = torch.Generator(device=device).manual_seed(10_007 * (seed + 1))
-    reference = data.sample(cfg.n_samples, gen).cpu()
+    reference = data.sample(cfg.n_samples, gen).x0.cpu()
     measure = _Measure(data, seed, reference)
-    measure.samples(FLOOR, FLOOR, None, data.sample(cfg.n_samples, gen))
+    measure.samples(FLOOR, FLOOR, None, data.sample(cfg.n_samples, gen).x0)
     noise = torch.randn(cfg.n_samples, data.dim, generator=gen, device=device)
     fm_reference = None
     if data.mixture is not None:

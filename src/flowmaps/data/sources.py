@@ -1,45 +1,70 @@
-"""Data sources: what the trainer draws batches of ``x_0`` from.
+"""Data sources: what the trainer draws batches of ``x_0`` (and class labels) from, and ``get_data``.
 
-A source has ``dim`` and ``sample(n, generator) -> [n, dim]``; a source built from a Gaussian
-mixture also exposes it as ``mixture`` so that exact answers are available (``--teacher exact``,
-flow-map error). Array files are iterated in shuffled epochs whose order is a function of the seed
-and epoch number alone.
+A source has a sample ``shape`` (``dim`` is its product), ``num_classes`` (0 for unlabelled data) and
+``sample(n, generator) -> Batch`` with ``x0`` ``[n, *shape]`` float32 and ``cond`` ``[n]`` int64
+labels (or ``None``) on the generator's device. A source built from a Gaussian mixture exposes it as
+``mixture`` so that exact answers are available (``--teacher exact``, flow-map error); they are over
+the flattened ``dim``. Finite data is served in shuffled epochs whose order is a function of the
+seed and epoch number alone, labels following their samples; ``test_split()`` is the held-out
+real data of a data set that has one (Fashion-MNIST's test set), for image metrics.
 
-Files are checked before anything is allocated: an ``.npy`` header must describe exactly the bytes
-that follow it, and a mixture spec is read only up to ``flowmaps.train.config.FILE_LIMIT`` bytes and
-parsed strictly (no repeated keys, no alias bombs). Mixture weights that do not sum to 1 are
-renormalised with a warning. ``data_fingerprint`` identifies what a spec names (the built-in set, or
-the SHA-256 of the file), which a resumed run checks against its checkpoint.
+Image pixels (``uint8``: array files, class folders, Fashion-MNIST) are kept in memory as bytes and
+scaled per batch to ``x = pixel / 127.5 - 1`` in ``[-1, 1]``; arrays of other dtypes are used as
+they are. ``data_fingerprint`` identifies what a spec names, which a resumed run checks against its
+checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from flowmaps.data import toy2d
+from flowmaps.data.arrays import Samples, load_npy, load_npz
+from flowmaps.data.images import (
+    FASHION_MNIST,
+    class_folders,
+    fashion_mnist_files,
+    load_fashion_mnist,
+    load_image_folder,
+)
+from flowmaps.data.mixtures import load_mixture_spec
+from flowmaps.methods.base import Batch
 from flowmaps.oracle import GaussianMixture
-from flowmaps.train.config import ConfigError, check_expansion, parse_yaml, read_text_limited
-
-logger = logging.getLogger("flowmaps.data")
 
 
 class DataSource:
-    """Base class: ``sample(n, generator)`` returns ``[n, dim]`` float32 data on ``device``."""
+    """Base class: ``sample(n, generator)`` returns a ``Batch`` on ``generator.device``.
+
+    ``shared_order`` is true for finite data served in one global order (a sharded batch slices one
+    draw of the whole batch rather than drawing each shard with its own generator).
+    """
 
     name: str = ""
-    dim: int = 0
-    mixture: Optional[GaussianMixture] = None
+    shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    mixture: GaussianMixture | None = None
+    shared_order: bool = False
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
         raise NotImplementedError
+
+    def test_split(self) -> Batch | None:
+        """Held-out real data (CPU tensors), or ``None`` when the source has none."""
+        return None
+
+    def full_split(self) -> Batch | None:
+        """Every training sample (CPU tensors) of finite data; ``None`` for data drawn fresh."""
+        return None
 
     def state_dict(self) -> dict:
         return {}
@@ -49,32 +74,51 @@ class DataSource:
 
 
 class GeneratedData(DataSource):
-    """Infinite data from a sampling function ``fn(n, generator, device)``."""
+    """Infinite unlabelled data from a sampling function ``fn(n, generator, device)``."""
 
-    def __init__(self, name: str, fn: Callable[..., torch.Tensor], dim: int = 2):
-        self.name, self.fn, self.dim = name, fn, dim
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], shape: tuple[int, ...] = (2,)):
+        self.name, self.fn, self.shape = name, fn, shape
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self.fn(n, generator=generator, device=generator.device)
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        return Batch(self.fn(n, generator=generator, device=generator.device))
 
 
 class MixtureData(DataSource):
-    """Exact samples of a Gaussian mixture (built-in, or from a spec file)."""
+    """Exact samples of a Gaussian mixture (built-in, or from a spec file), reshaped to ``shape``
+    (default ``[dim]``); a labelled mixture's samples carry the classes of their components."""
 
-    def __init__(self, name: str, mixture: GaussianMixture):
-        self.name, self.mixture, self.dim = name, mixture, mixture.dim
+    def __init__(self, name: str, mixture: GaussianMixture, shape: tuple[int, ...] | None = None):
+        self.name, self.mixture = name, mixture
+        self.shape = (mixture.dim,) if shape is None else tuple(shape)
+        if math.prod(self.shape) != mixture.dim:
+            raise ValueError(f"shape {list(self.shape)} does not hold the mixture's {mixture.dim} dimensions")
+        self.num_classes = mixture.num_classes
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self.mixture.sample(n, generator, generator.device)
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        if self.num_classes == 0:
+            return Batch(self.mixture.sample(n, generator, generator.device).reshape(n, *self.shape))
+        x, labels = self.mixture.sample(n, generator, generator.device, return_labels=True)
+        return Batch(x.reshape(n, *self.shape), labels)
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """A new float32 tensor: ``uint8`` pixels scaled to ``[-1, 1]``, other numbers as they are."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
 
 
 class ArrayData(DataSource):
-    """A finite ``[N, D]`` array, served in shuffled epochs (without replacement within an epoch)."""
+    """Finite samples (``[N, *shape]``, optionally labelled) served in shuffled epochs (without replacement
+    within an epoch), with an optional held-out ``test`` split."""
 
-    def __init__(self, name: str, array: np.ndarray, seed: int = 0):
+    shared_order = True
+
+    def __init__(self, name: str, train: Samples, seed: int = 0, test: Samples | None = None):
         self.name = name
-        self.data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        self.dim = self.data.shape[1]
+        self.data = torch.from_numpy(np.ascontiguousarray(train.x if train.x.dtype == np.uint8
+                                                          else train.x.astype(np.float32, copy=False)))
+        self.labels = None if train.y is None else torch.from_numpy(train.y)
+        self.shape, self.num_classes = tuple(self.data.shape[1:]), train.num_classes
+        self.test = test
         self.seed, self.epoch, self.position = seed, 0, 0
         self._order = self._permutation()
 
@@ -82,7 +126,7 @@ class ArrayData(DataSource):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.data.shape[0], generator=g)
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
         rows = []
         while n > 0:
             take = min(n, self.data.shape[0] - self.position)
@@ -92,7 +136,18 @@ class ArrayData(DataSource):
             if self.position == self.data.shape[0]:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation()
-        return self.data[torch.cat(rows)].to(generator.device)
+        index = torch.cat(rows)
+        labels = None if self.labels is None else self.labels[index].to(generator.device)
+        return Batch(_as_float(self.data[index].to(generator.device)), labels)
+
+    def test_split(self) -> Batch | None:
+        if self.test is None:
+            return None
+        return Batch(_as_float(torch.from_numpy(self.test.x)),
+                     None if self.test.y is None else torch.from_numpy(self.test.y))
+
+    def full_split(self) -> Batch:
+        return Batch(_as_float(self.data), None if self.labels is None else self.labels.clone())
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -110,94 +165,27 @@ BUILTIN: dict[str, Callable[[], DataSource]] = {
     "ring": lambda: MixtureData("ring", toy2d.ring()),
 }
 
-
-def _check_npy_header(path: Path) -> None:
-    """The ``.npy`` header of ``path`` must announce a real numeric array whose bytes are all in the file."""
-    fmt = np.lib.format
-    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
-    with open(path, "rb") as f:
-        version = fmt.read_magic(f)
-        if version not in readers:
-            raise ValueError(f"data file {path} is .npy version {version}; versions 1.0 and 2.0 are read")
-        shape, _, dtype = readers[version](f)
-        offset = f.tell()
-    if dtype.hasobject:
-        raise ValueError(f"data file {path} holds Python objects, not numbers")
-    expected = math.prod(shape) * dtype.itemsize
-    actual = path.stat().st_size - offset
-    if actual != expected:
-        raise ValueError(f"data file {path}: its header announces shape {shape} of {dtype} ({expected} bytes), "
-                         f"but {actual} bytes follow it (truncated or altered)")
-
-
-def load_array(path: Path) -> np.ndarray:
-    """Load and validate an ``[N, D]`` ``.npy`` file of finite numbers (the header checked first)."""
-    try:
-        _check_npy_header(path)
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"cannot read data file {path}: {err}") from err
-    if array.ndim != 2:
-        raise ValueError(f"data file {path} must hold an array of shape [N, D]; got shape {array.shape}")
-    if array.shape[0] < 2 or array.shape[1] < 1:
-        raise ValueError(f"data file {path} must hold at least 2 rows and 1 column; got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise ValueError(f"data file {path} must hold real numbers; got dtype {array.dtype}")
-    bad = ~np.isfinite(array)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise ValueError(
-            f"data file {path} contains {int(bad.sum())} non-finite value(s) (NaN or inf); "
-            f"the first is at row {row}, column {col}"
-        )
-    return array
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise ValueError(f"duplicate key(s) {repeated}")
-    return dict(pairs)
-
-
-def load_mixture_spec(path: Path) -> GaussianMixture:
-    """Read a mixture spec (``.json`` / ``.yaml``): ``{weights: [K], means: [K][D], stds: [K][D]}``."""
-    try:
-        text = read_text_limited(path, "mixture spec")
-        if path.suffix == ".json":
-            try:
-                spec = json.loads(text, object_pairs_hook=_unique_keys)
-            except (ValueError, RecursionError) as err:
-                raise ConfigError(f"cannot parse mixture spec {path}: {err}") from err
-            check_expansion(spec, f"mixture spec {path}")
-        else:
-            spec = parse_yaml(text, f"mixture spec {path}")
-    except ConfigError as err:
-        raise ValueError(str(err)) from err
-    if not isinstance(spec, dict):
-        raise ValueError(f"mixture spec {path} must be a mapping with keys weights, means, stds")
-    missing = sorted({"weights", "means", "stds"} - set(spec))
-    extra = sorted(set(spec) - {"weights", "means", "stds"})
-    if missing or extra:
-        raise ValueError(f"mixture spec {path}: missing keys {missing}, unknown keys {extra} (need weights, means, stds)")
-    try:
-        mixture = GaussianMixture(spec["weights"], spec["means"], spec["stds"])
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise ValueError(f"mixture spec {path}: {err}") from err
-    total = sum(float(w) for w in np.asarray(spec["weights"], dtype=np.float64).reshape(-1))
-    if abs(total - 1.0) > 1e-6:
-        logger.warning(f"mixture spec {path}: the weights sum to {total:.6g}, not 1; renormalised to "
-                       f"{[round(w, 6) for w in mixture.weights.tolist()]}")
-    return mixture
+ARRAY_SUFFIXES = (".npy", ".npz")
+MIXTURE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def data_fingerprint(spec: str) -> str:
-    """What ``spec`` names, for a resume to check: ``builtin:NAME``, or ``sha256:HEX`` of the data
-    file's bytes (an ``.npy`` array or a mixture spec)."""
+    """What ``spec`` names, for a resume to check: ``builtin:NAME``; ``builtin:fashion-mnist:SIZES`` (the
+    byte sizes of its four files); ``folder-sha256:HEX`` over the relative paths, sizes and modification
+    times of a class-folder tree's images; or ``sha256:HEX`` of a data file's bytes."""
     if spec in BUILTIN:
         return f"builtin:{spec}"
+    if spec == FASHION_MNIST:
+        sizes = [p.stat().st_size for pair in fashion_mnist_files().values() for p in pair]
+        return f"builtin:{FASHION_MNIST}:{','.join(map(str, sizes))}"
+    path = Path(spec)
     digest = hashlib.sha256()
+    if path.is_dir():
+        for _, files in class_folders(path):
+            for file in files:
+                stat = file.stat()
+                digest.update(f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return f"folder-sha256:{digest.hexdigest()}"
     with open(spec, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
@@ -205,17 +193,24 @@ def data_fingerprint(spec: str) -> str:
 
 
 def get_data(spec: str, seed: int = 0) -> DataSource:
-    """A built-in name, an ``.npy`` file of shape ``[N, D]``, or a mixture spec ``.json`` / ``.yaml``."""
+    """A built-in 2D set, ``fashion-mnist``, an ``.npy`` / ``.npz`` array file, a class-folder tree of
+    images, or a mixture spec ``.json`` / ``.yaml``; ``seed`` fixes the epoch order of finite data."""
     if spec in BUILTIN:
         return BUILTIN[spec]()
+    if spec == FASHION_MNIST:
+        train, test = load_fashion_mnist()
+        return ArrayData(FASHION_MNIST, train, seed=seed, test=test)
     path = Path(spec)
-    if path.suffix in (".npy", ".json", ".yaml", ".yml"):
+    if path.is_dir():
+        return ArrayData(path.name, load_image_folder(path), seed=seed)
+    if path.suffix in ARRAY_SUFFIXES + MIXTURE_SUFFIXES:
         if not path.is_file():
             raise ValueError(f"data file {path} does not exist")
-        if path.suffix == ".npy":
-            return ArrayData(path.stem, load_array(path), seed=seed)
-        return MixtureData(path.stem, load_mixture_spec(path))
+        if path.suffix in ARRAY_SUFFIXES:
+            return ArrayData(path.stem, load_npy(path) if path.suffix == ".npy" else load_npz(path), seed=seed)
+        mixture = load_mixture_spec(path)
+        return MixtureData(path.stem, mixture.mixture, mixture.shape)
     raise ValueError(
-        f"unknown data {spec!r}: use a built-in set ({', '.join(sorted(BUILTIN))}), "
-        "an .npy file of shape [N, D], or a mixture spec .json/.yaml"
+        f"unknown data {spec!r}: use a built-in set ({', '.join(sorted(BUILTIN))}), {FASHION_MNIST}, an .npy / .npz "
+        "array file, a folder of class sub-folders of images, or a mixture spec .json / .yaml"
     )

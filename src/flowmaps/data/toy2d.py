@@ -8,14 +8,13 @@ All sets live roughly in ``[-1.5, 1.5]^2`` with per-coordinate standard deviatio
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from flowmaps.oracle import GaussianMixture
 
 
-def checkerboard(n: int, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+def checkerboard(n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
     """Uniform on the 8 squares of ``[-1, 1]^2`` where ``floor(4u) + floor(4v)`` is even, ``u = (x + 1) / 2``.
 
     This is the 2D target of Boffi et al. (2025). Sampling: a uniform cell ``(i, j)`` of the 4x4 grid
@@ -28,7 +27,7 @@ def checkerboard(n: int, generator: Optional[torch.Generator] = None, device="cp
     return 2 * uv - 1
 
 
-def moons(n: int, generator: Optional[torch.Generator] = None, device="cpu", noise: float = 0.05) -> torch.Tensor:
+def moons(n: int, generator: torch.Generator | None = None, device="cpu", noise: float = 0.05) -> torch.Tensor:
     """Two interleaved half circles (as scikit-learn's ``make_moons``), centred and scaled to unit size."""
     upper = torch.rand(n, generator=generator, device=device) < 0.5
     angle = math.pi * torch.rand(n, generator=generator, device=device)
@@ -39,7 +38,7 @@ def moons(n: int, generator: Optional[torch.Generator] = None, device="cpu", noi
     return pts
 
 
-def spirals(n: int, generator: Optional[torch.Generator] = None, device="cpu", noise: float = 0.03) -> torch.Tensor:
+def spirals(n: int, generator: torch.Generator | None = None, device="cpu", noise: float = 0.03) -> torch.Tensor:
     """Two interleaved Archimedean spirals, radius up to 1."""
     r = torch.sqrt(torch.rand(n, generator=generator, device=device))
     arm = (torch.rand(n, generator=generator, device=device) < 0.5).float()

@@ -102,8 +102,9 @@ class Method(ABC):
     def initialize(self, model: nn.Module) -> None:
         """Prepare ``model`` before the first step of a fresh run (not on resume); ECT copies its teacher here."""
 
-    def auxiliary_networks(self, sample_shape: tuple[int, ...]) -> dict[str, AuxiliaryNetwork]:
-        """Networks the trainer owns and trains for this method on data of ``sample_shape`` (none by default)."""
+    def auxiliary_networks(self, sample_shape: tuple[int, ...], num_classes: int = 0) -> dict[str, AuxiliaryNetwork]:
+        """Networks the trainer owns and trains for this method on data of ``sample_shape`` with the model's
+        ``num_classes`` (none by default)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

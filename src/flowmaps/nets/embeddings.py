@@ -73,3 +73,52 @@ class FourierInputFeatures(nn.Module):
         proj = self.proj.to(x.dtype)
         angles, dangles = x @ proj, dx @ proj
         return torch.cat([dx, torch.cos(angles) * dangles, -torch.sin(angles) * dangles], dim=-1)
+
+
+NULL_CLASS = -1  # the label of "no class": classifier-free training drops labels to it
+
+
+class ClassEmbedding(nn.Module):
+    """A learned embedding of ``num_classes`` classes plus the null class (spec §7).
+
+    ``cond`` is a ``[B]`` integer tensor of labels in ``[0, num_classes)``, where ``NULL_CLASS`` (-1)
+    marks a row without a label; ``cond=None`` is the null class for every row (the unconditional
+    model, the same network). Labels out of range, a floating ``cond`` or a ``cond`` whose length is
+    not the batch's are ``ValueError`` s naming the value.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"ClassEmbedding needs num_classes >= 1 and dim >= 1; got {num_classes}, {dim}")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)  # the last row is the null class
+
+    def forward(self, cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if cond is None:
+            index = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        else:
+            check_labels(cond, batch, self.num_classes)
+            index = torch.where(cond == NULL_CLASS, self.num_classes, cond.long())
+        return self.table(index)
+
+
+def check_labels(cond: torch.Tensor, batch: int, num_classes: int) -> None:
+    """``cond`` must be a ``[batch]`` integer tensor of labels in ``[0, num_classes)`` or ``NULL_CLASS``."""
+    if cond.dtype.is_floating_point or cond.dtype.is_complex or cond.dtype == torch.bool:
+        raise ValueError(f"cond must be a [B] tensor of integer class labels; got dtype {cond.dtype}")
+    if cond.shape != (batch,):
+        raise ValueError(f"cond must have shape [B] = [{batch}]; got {tuple(cond.shape)}")
+    if cond.numel() and not torch.compiler.is_compiling():
+        low, high = int(cond.min()), int(cond.max())
+        if low < NULL_CLASS or high >= num_classes:
+            bad = low if low < NULL_CLASS else high
+            raise ValueError(f"class label {bad} is out of range: this model has {num_classes} classes "
+                             f"(labels 0..{num_classes - 1}, or {NULL_CLASS} for none)")
+
+
+def refuse_labels(cond: torch.Tensor | None) -> None:
+    """An unconditional backbone (``model.num_classes = 0``) takes no labels."""
+    if cond is not None:
+        raise ValueError("this model is unconditional (model.num_classes = 0) but was given class labels (cond); "
+                         "train with model.num_classes = K to use labels")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from flowmaps.nets.embeddings import FourierInputFeatures, FourierTimeEmbedding
+from flowmaps.nets.embeddings import ClassEmbedding, FourierInputFeatures, FourierTimeEmbedding, refuse_labels
+from flowmaps.nets.registry import BackboneOptions, register_backbone
+from flowmaps.options import option
 
 
 class SiLUWithTangent(torch.autograd.Function):
@@ -51,7 +54,8 @@ class MLP(nn.Module):
     Smooth activations (SiLU) keep the network twice differentiable, which JVP-based losses need.
     No normalisation layers: with torch 2.13 the gradient of a forward-mode tangent through the native
     ``LayerNorm`` kernel is wrong (``docs/jvp.md``). ``num_classes > 0`` adds a learned class
-    embedding (``cond`` is then a ``[B]`` integer tensor).
+    embedding with a null class (``ClassEmbedding``: ``cond`` a ``[B]`` integer tensor, ``-1`` or
+    ``None`` for no label).
 
     ``forward_with_tangent`` returns ``V`` and its directional derivative along ``(dx, ds, dt)`` in
     closed form: the ``"fused"`` backend of ``flowmaps.jvp`` uses it, at about the cost of two
@@ -77,7 +81,7 @@ class MLP(nn.Module):
         self.dim = dim
         self.embed = FourierTimeEmbedding(num_freqs, max_freq)
         self.x_embed = FourierInputFeatures(dim, x_features, x_scale)
-        self.class_embed = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
+        self.class_embed = ClassEmbedding(num_classes, class_dim) if num_classes > 0 else None
         layers: list[nn.Module] = []
         d_in = self.x_embed.dim + 2 * self.embed.dim + (class_dim if num_classes > 0 else 0)
         for _ in range(depth):
@@ -94,18 +98,17 @@ class MLP(nn.Module):
             raise ValueError(f"MLP was built for {self.dim} features; got x of shape {tuple(x.shape)}")
         return h
 
-    def _class_features(self, cond: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    def _class_features(self, cond: Optional[torch.Tensor], h: torch.Tensor) -> list[torch.Tensor]:
         if self.class_embed is None:
+            refuse_labels(cond)
             return []
-        if cond is None:
-            raise ValueError("this MLP is class-conditional: pass cond as a [B] tensor of class indices")
-        return [self.class_embed(cond)]
+        return [self.class_embed(cond, h.shape[0], h.device).to(h.dtype)]
 
     def forward(
         self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         h = self._flat(x)
-        features = [self.x_embed(h), self.embed(s), self.embed(t - s), *self._class_features(cond)]
+        features = [self.x_embed(h), self.embed(s), self.embed(t - s), *self._class_features(cond, h)]
         return self.layers(torch.cat(features, dim=-1)).reshape(x.shape)
 
     @property
@@ -139,7 +142,7 @@ class MLP(nn.Module):
             raise ValueError("MLP.forward_with_tangent knows only the linear and SiLU layers it builds; this MLP's "
                              f"layers are {[type(m).__name__ for m in self.layers]}: use another JVP backend")
         h, dh = self._flat(x), self._flat(dx)
-        classes = self._class_features(cond)
+        classes = self._class_features(cond, h)
         features = torch.cat([self.x_embed(h), self.embed(s), self.embed(t - s), *classes], dim=-1)
         with torch.set_grad_enabled(tangent_grad and torch.is_grad_enabled()):
             d_features = torch.cat(
@@ -171,3 +174,25 @@ class MLP(nn.Module):
                     tangent = torch.ops.aten.silu_backward(tangent, primal)
                 primal = layer(primal)
         return primal, tangent
+
+
+@dataclass
+class MLPOptions(BackboneOptions):
+    """Options of the ``mlp`` backbone (``MLP``)."""
+
+    tiny: ClassVar[dict[str, Any]] = {"width": 16, "depth": 2}
+    width: int = option(256, "hidden width", within="[1, inf)")
+    depth: int = option(3, "hidden layers", within="[1, inf)")
+    num_freqs: int = option(0, "Fourier features of each time (0: the raw time alone)", within="[0, inf)")
+    max_freq: float = option(8.0, "highest time frequency", within="(0, inf)")
+    x_features: int = option(0, "random Fourier features of x (Tancik et al. 2020; 0: x alone)", within="[0, inf)")
+    x_scale: float = option(1.0, "scale of the random Fourier features of x", within="(0, inf)")
+    class_dim: int = option(16, "width of the class embedding (model.num_classes > 0)", within="[1, inf)")
+
+
+@register_backbone("mlp", MLPOptions)
+def build_mlp(options: MLPOptions, shape: tuple[int, ...], num_classes: int) -> MLP:
+    """An MLP on the flattened sample, times as raw values (plus optional Fourier features)."""
+    return MLP(math.prod(shape), width=options.width, depth=options.depth, num_freqs=options.num_freqs,
+               max_freq=options.max_freq, num_classes=num_classes, class_dim=options.class_dim,
+               x_features=options.x_features, x_scale=options.x_scale)

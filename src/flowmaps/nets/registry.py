@@ -1,30 +1,63 @@
-"""Name -> backbone builder, chosen by ``model.backbone``.
+"""Name -> backbone, chosen by ``model.backbone``, with its options validated by name.
 
-A builder takes the run's ``ModelConfig`` and the data dimension and returns a network
-``net(x, s, t, cond=None) -> V`` (the average velocity, shaped like ``x``) for ``FlowMap`` to wrap.
-Registering a builder is all a new backbone needs (``docs/extending.md``); the backbone tests run
-every registered one through the same checks (shapes, JVP tangents against finite differences).
+A backbone registers a builder ``build(options, shape, num_classes) -> nn.Module`` and its options
+class (a ``BackboneOptions`` dataclass of ``option(...)`` fields): the network ``net(x, s, t,
+cond=None) -> V`` predicts the average velocity, shaped like ``x`` of shape ``[B, *shape]``, for
+``FlowMap`` to wrap. ``num_classes > 0`` makes it class-conditional (``cond`` a ``[B]`` integer
+tensor, ``-1`` or ``cond=None`` the null class of classifier-free training; ``nets.embeddings.
+ClassEmbedding``). Every option of the ``model`` section other than ``backbone`` and
+``num_classes`` is the backbone's and is checked against its options class (an unknown name or bad
+value is a ``ValueError`` naming it). ``tiny`` gives the options of a small instance, which the
+registry-driven tests build. Registering is all a new backbone needs (``docs/extending.md``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from flowmaps.nets.mlp import MLP
+from flowmaps.options import Options
 from flowmaps.train.config import ModelConfig
 
-BackboneBuilder = Callable[[ModelConfig, int], nn.Module]
-_BACKBONES: dict[str, BackboneBuilder] = {}
+
+@dataclass
+class BackboneOptions(Options):
+    """Base of every backbone's options; ``tiny`` holds the values of a small test instance and
+    ``test_shape`` the sample shape the tests give it."""
+
+    kind: ClassVar[str] = "backbone"
+    tiny: ClassVar[dict[str, Any]] = {}
+    test_shape: ClassVar[tuple[int, ...]] = (3,)
 
 
-def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    """Decorator: make the builder available as ``model.backbone = name``."""
+BackboneBuilder = Callable[[Any, tuple[int, ...], int], nn.Module]
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    name: str
+    build: BackboneBuilder
+    options: type[BackboneOptions]
+
+    @property
+    def summary(self) -> str:
+        return (self.build.__doc__ or "").strip().splitlines()[0] if self.build.__doc__ else ""
+
+
+_BACKBONES: dict[str, BackboneEntry] = {}
+
+
+def register_backbone(name: str, options: type[BackboneOptions]) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator: make ``builder(options, shape, num_classes)`` available as ``model.backbone = name``."""
     def add(builder: BackboneBuilder) -> BackboneBuilder:
         if not name or name in _BACKBONES:
             raise ValueError(f"backbone name {name!r} is empty or already registered")
-        _BACKBONES[name] = builder
+        if not (isinstance(options, type) and issubclass(options, BackboneOptions)):
+            raise TypeError(f"backbone {name!r}: its options must be a BackboneOptions dataclass; got {options!r}")
+        _BACKBONES[name] = BackboneEntry(name, builder, options)
         return builder
     return add
 
@@ -33,18 +66,29 @@ def backbone_names() -> list[str]:
     return sorted(_BACKBONES)
 
 
-def build_backbone(model: ModelConfig, dim: int) -> nn.Module:
-    """The network of ``model.backbone`` for ``dim``-dimensional data."""
-    if model.backbone not in _BACKBONES:
-        raise ValueError(f"unknown model.backbone {model.backbone!r}; available backbones: {', '.join(backbone_names())}")
-    return _BACKBONES[model.backbone](model, dim)
+def backbone_entry(name: str) -> BackboneEntry:
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown model.backbone {name!r}; available backbones: {', '.join(backbone_names())}")
+    return _BACKBONES[name]
 
 
-@register_backbone("mlp")
-def mlp(model: ModelConfig, dim: int) -> nn.Module:
-    """``flowmaps.nets.MLP`` with ``model.width``, ``depth``, ``num_freqs``, ``max_freq``, ``x_features``, ``x_scale``."""
-    return MLP(dim, width=model.width, depth=model.depth, num_freqs=model.num_freqs, max_freq=model.max_freq,
-               x_features=model.x_features, x_scale=model.x_scale)
+def resolve_backbone_options(name: str, values: dict[str, Any]) -> BackboneOptions:
+    """The validated options of backbone ``name``: its defaults overridden by ``values``."""
+    cls = backbone_entry(name).options
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"backbone {name!r} has no option(s) {unknown}; its options are {sorted(valid)}")
+    resolved = cls(**cls.coerce(values))
+    resolved.check(name)
+    return resolved
 
 
-__all__ = ["BackboneBuilder", "register_backbone", "backbone_names", "build_backbone"]
+def build_backbone(model: ModelConfig, shape: tuple[int, ...]) -> nn.Module:
+    """The network of ``model.backbone`` for samples of shape ``shape`` and ``model.num_classes`` classes."""
+    entry = backbone_entry(model.backbone)
+    return entry.build(resolve_backbone_options(model.backbone, model.options), tuple(shape), model.num_classes)
+
+
+__all__ = ["BackboneBuilder", "BackboneEntry", "BackboneOptions", "register_backbone", "backbone_names",
+           "backbone_entry", "resolve_backbone_options", "build_backbone"]

@@ -34,17 +34,22 @@ class ExactTeacher:
     """The exact velocity of a Gaussian mixture (computed in float64, returned in ``x``'s dtype) and its
     flow map, the float64 Dormand-Prince solve at ``rtol``/``atol``. The defaults (1e-6, 1e-7) sit
     below float32 resolution of training targets and cost about 2.5x less than the 1e-9 of the
-    benchmark's reference maps (PFMM calls the teacher's map twice per step)."""
+    benchmark's reference maps (PFMM calls the teacher's map twice per step).
+
+    ``x`` may have any shape ``[B, ...]`` whose features number the mixture's dimension (image-shaped
+    mixture data): it is flattened for the mixture and the answer reshaped back. ``cond`` (``[B]``
+    labels, -1 for none) conditions each row on its class (the mixture must be labelled)."""
 
     def __init__(self, mixture: GaussianMixture, rtol: float = 1e-6, atol: float = 1e-7):
         self.mixture = mixture
         self.rtol, self.atol = rtol, atol
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.mixture.velocity(x, t)
+        return self.mixture.velocity(x.reshape(x.shape[0], -1), t, cond).reshape(x.shape)
 
     def flow_map(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None):
-        return self.mixture.flow_map(x, s, t, rtol=self.rtol, atol=self.atol)
+        flat = x.reshape(x.shape[0], -1)
+        return self.mixture.flow_map(flat, s, t, cond, rtol=self.rtol, atol=self.atol).reshape(x.shape)
 
 
 class FlowMapTeacher:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from flowmaps.data import DataSource
-from flowmaps.runs import DATA_INFO_FILE, data_dim, load
+from flowmaps.runs import DATA_INFO_FILE, data_info, load
 from flowmaps.schedules import Schedule
 from flowmaps.teachers.base import ExactTeacher, FlowMapTeacher, Teacher
 
@@ -29,9 +29,10 @@ def load_teacher(spec: str, data: DataSource, device: torch.device, schedule: Op
     if not path.is_dir():
         raise ValueError(f"teacher {spec!r} is neither 'exact' nor a run directory")
     if (path / DATA_INFO_FILE).is_file():
-        dim = data_dim(path)
-        if dim != data.dim:
-            raise ValueError(f"teacher run {path} was trained on {dim}-dimensional data; {data.name!r} has {data.dim}")
+        info = data_info(path)
+        if info.shape != tuple(data.shape):
+            raise ValueError(f"teacher run {path} was trained on samples of shape {list(info.shape)}; {data.name!r} "
+                             f"has samples of shape {list(data.shape)}")
     return FlowMapTeacher(load(path, ema=True, device=device))
 
 

@@ -113,13 +113,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mlp"  # a registered backbone (flowmaps.nets.registry); the keys below are the MLP's
-    width: int = 256
-    depth: int = 3
-    num_freqs: int = 0
-    max_freq: float = 8.0
-    x_features: int = 0  # random Fourier features of x (nets.embeddings.FourierInputFeatures)
-    x_scale: float = 1.0
+    """``backbone`` and ``num_classes``; every other key of the ``model`` section is the backbone's own
+    option (``options``, written flat in the file: ``model: {backbone: unet, channels: 64}``), checked
+    against the backbone's options class by ``flowmaps.build``."""
+
+    backbone: str = "mlp"  # a registered backbone (flowmaps.nets.registry; `flowmaps backbones`)
+    num_classes: int = 0  # 0: unconditional; K: class-conditional on labels 0..K-1 (and a null class)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "num_classes": self.num_classes, **self.options}
 
 
 @dataclass
@@ -147,6 +150,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the network on CUDA (loss and tangents stay fp32)
     compile: bool = False  # torch.compile the network (checked against eager JVP tangents at start)
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (pip install 'flowmaps[tensorboard]')
+    label_dropout: float = 0.1  # share of labels dropped to the null class (classifier-free training; model.num_classes > 0)
 
 
 @dataclass
@@ -195,7 +199,9 @@ class Config:
     teacher: Optional[str] = None  # "exact" (mixture data) or a trained run directory
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["model"] = self.model.to_dict()
+        return values
 
 
 _CHOICES = {
@@ -207,13 +213,13 @@ _CHOICES = {
     "guard.on_divergence": ("rollback", "stop"),
     "distributed.backend": ("auto", "gloo", "nccl"),
 }
-_POSITIVE = {"model.width", "model.depth", "model.max_freq", "model.x_scale", "optim.lr", "train.steps",
+_POSITIVE = {"optim.lr", "train.steps",
              "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps", "eval.grid_rho",
              "train.grad_accum", "checkpoint.keep_last", "guard.max_strikes", "guard.spike_window"}
-_NON_NEGATIVE = {"model.num_freqs", "model.x_features", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
+_NON_NEGATIVE = {"model.num_classes", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
                  "checkpoint.every", "guard.max_rollbacks", "distributed.check_steps"}
-_UNIT = {"optim.beta1", "optim.beta2", "optim.ema_decay"}
-_SECTIONS = ("data", "model", "optim", "train", "checkpoint", "guard", "distributed", "eval")
+_UNIT = {"optim.beta1", "optim.beta2", "optim.ema_decay", "train.label_dropout"}
+_SECTIONS = ("data", "optim", "train", "checkpoint", "guard", "distributed", "eval")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -274,6 +280,24 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"teacher must be 'exact' or a run directory; got {cfg.teacher!r}")
 
 
+def _model_section(values: Any) -> ModelConfig:
+    """``ModelConfig`` of the flat ``model`` section: ``backbone``, ``num_classes``, the backbone's options."""
+    if isinstance(values, str):
+        values = {"backbone": values}  # model: unet
+    if not isinstance(values, dict):
+        raise ConfigError(f"section 'model' must be a mapping or a backbone name; got {values!r}")
+    options = {k: v for k, v in values.items() if k not in ("backbone", "num_classes")}
+    if any(not isinstance(k, str) for k in options):
+        raise ConfigError(f"model option names must be strings; got {sorted(map(repr, options))}")
+    backbone = values.get("backbone", "mlp")
+    if not isinstance(backbone, str):
+        raise ConfigError(f"model.backbone must be a backbone name; got {backbone!r}")
+    num_classes = _coerce("model.num_classes", values.get("num_classes", 0), int)
+    if num_classes < 0:
+        raise ConfigError(f"model.num_classes must be non-negative (0: unconditional); got {num_classes}")
+    return ModelConfig(backbone, num_classes, options)
+
+
 def parse_config(values: dict[str, Any]) -> Config:
     """Build a ``Config`` from nested dictionaries (missing keys take defaults) and check its schema; the
     method options are checked by ``flowmaps.build.config_from_dict``."""
@@ -288,6 +312,8 @@ def parse_config(values: dict[str, Any]) -> Config:
     for name, f in sections.items():
         if name == "teacher":
             kwargs[name] = values.get("teacher")
+        elif name == "model":
+            kwargs[name] = _model_section(values.get("model") or {})
         elif name == "method":
             method = values.get("method", defaults.method)
             if isinstance(method, str):

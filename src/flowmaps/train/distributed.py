@@ -39,8 +39,9 @@ import torch.distributed as dist
 from torch import nn
 
 from flowmaps.build import resolve_device
-from flowmaps.data import ArrayData, DataSource
+from flowmaps.data import DataSource
 from flowmaps.methods import Batch
+from flowmaps.nets import NULL_CLASS
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -217,6 +218,8 @@ class ShardedBatches:
         grad_accum: int,
         ctx: DistributedContext,
         seed: int,
+        labels: bool = False,
+        label_dropout: float = 0.0,
     ):
         self.num_shards = ctx.world_size * grad_accum
         if global_batch % self.num_shards != 0:
@@ -225,6 +228,7 @@ class ShardedBatches:
                 f"{ctx.world_size} * {grad_accum} = {self.num_shards} (the number of equal shards of a batch)"
             )
         self.data = data
+        self.labels, self.label_dropout = labels, label_dropout
         self.global_batch = global_batch
         self.shard_size = global_batch // self.num_shards
         self.shards = range(ctx.rank * grad_accum, (ctx.rank + 1) * grad_accum)
@@ -232,12 +236,26 @@ class ShardedBatches:
 
     def next(self) -> list[MicroBatch]:
         """The micro-batches of this process for the next step, in shard order."""
-        if isinstance(self.data, ArrayData):  # one global order: every shard slices the same rows
+        if self.data.shared_order:  # one global order: every shard slices the same rows
             rows = self.data.sample(self.global_batch, self.generators[self.shards[0]])
-            parts = {k: rows[k * self.shard_size:(k + 1) * self.shard_size] for k in self.shards}
+            parts = {k: rows.take(slice(k * self.shard_size, (k + 1) * self.shard_size)) for k in self.shards}
         else:
             parts = {k: self.data.sample(self.shard_size, self.generators[k]) for k in self.shards}
-        return [MicroBatch(Batch(parts[k]), self.generators[k], k, self.generators[k].get_state()) for k in self.shards]
+        return [MicroBatch(self._conditioned(parts[k], self.generators[k]), self.generators[k], k,
+                           self.generators[k].get_state()) for k in self.shards]
+
+    def _conditioned(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """The labels a conditional model trains on: each dropped to ``NULL_CLASS`` with probability
+        ``label_dropout`` (classifier-free training, spec §7); none for an unconditional model."""
+        if not self.labels:
+            return Batch(batch.x0)
+        if batch.cond is None:
+            raise ValueError(f"a class-conditional model needs labelled data; {self.data.name!r} has no labels")
+        cond = batch.cond
+        if self.label_dropout > 0:
+            drop = torch.rand(cond.shape, generator=generator, device=generator.device) < self.label_dropout
+            cond = torch.where(drop.to(cond.device), torch.full_like(cond, NULL_CLASS), cond)
+        return Batch(batch.x0, cond)
 
     def state_dict(self) -> dict[str, Any]:
         """Data order and this process's shard generators (``{shard: state}``)."""

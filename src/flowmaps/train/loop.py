@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from flowmaps.build import build_model, load_config
-from flowmaps.data import data_fingerprint, get_data
+from flowmaps.data import DataSource, data_fingerprint, get_data
 from flowmaps.files import WriteError, describe_os_error, dumps, json_safe, read_json, write_json, write_text_atomic
 from flowmaps.evaluation import evaluate, metrics_table
 from flowmaps.methods import LossContext, LossOutput, build_method
@@ -48,7 +48,7 @@ from flowmaps.train.checkpoint import (
     STATE_FILE, Checkpoint, CheckpointError, CheckpointStore, LoadedCheckpoint, capture_rng, restore_rng,
     save_weights_with_manifest,
 )
-from flowmaps.train.config import Config, config_text
+from flowmaps.train.config import Config, ConfigError, config_text
 from flowmaps.train.distributed import DistributedContext, ShardedBatches, StopRequest, check_gradient_sync
 from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceError, DivergenceGuard, diagnose, summarize
@@ -66,7 +66,7 @@ logger = logging.getLogger("flowmaps.train")
 # what a checkpoint's state.pt must hold for the trainer to restore it (``auxiliary`` is optional: older runs)
 _STATE_KEYS = {"step": int, "optimizer": dict, "scaler": dict, "ema_updates": int, "data": dict, "guard": dict,
                "method": dict, "rng": list, "generators": dict}
-_RESUME_CHECKED = ("data", "method", "teacher", "model")  # what a resumed run must share with its checkpoint
+_RESUME_CHECKED = ("data", "method", "teacher", "model", "shape", "num_classes")  # what a resumed run must share with its checkpoint
 
 
 @dataclass
@@ -85,6 +85,24 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Path):
         super().__init__(f"stopped by signal {signum} after {step} steps; checkpoint {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def check_classes(cfg: Config, data: DataSource) -> None:
+    """A class-conditional model (``model.num_classes = K``) needs labelled data whose labels fit in
+    ``K`` classes; an unconditional one trains on any data (labels are then not used)."""
+    k = cfg.model.num_classes
+    if k == 0:
+        if data.num_classes:
+            logger.info(f"{data.name!r} has {data.num_classes} classes but model.num_classes = 0: training an "
+                        "unconditional model (set model.num_classes to use the labels)")
+        return
+    if data.num_classes == 0:
+        raise ConfigError(f"model.num_classes = {k} asks for a class-conditional model, but the data {cfg.data.name!r} "
+                          "has no labels (use .npz with y, a class-folder tree, fashion-mnist or a mixture spec with "
+                          "labels; or model.num_classes = 0)")
+    if data.num_classes > k:
+        raise ConfigError(f"the data {cfg.data.name!r} has {data.num_classes} classes (labels up to "
+                          f"{data.num_classes - 1}) but model.num_classes = {k}: labels out of range")
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -165,23 +183,25 @@ class Trainer:
         device = dist_ctx.device
         torch.manual_seed(cfg.train.seed)
         self.data = get_data(cfg.data.name, seed=cfg.train.seed)
+        check_classes(cfg, self.data)
         options = {k: v for k, v in cfg.method.items() if k != "name"}
         schedule = get_schedule(cfg.train.schedule)
         teacher = load_teacher(cfg.teacher, self.data, device, schedule) if cfg.teacher is not None else None
         self.method = build_method(cfg.method["name"], schedule, teacher=teacher, **options)
-        self.model = build_model(cfg, self.data.dim).to(device)  # the plain FlowMap: saved, EMA'd, replayed
+        self.model = build_model(cfg, self.data.shape).to(device)  # the plain FlowMap: saved, EMA'd, replayed
         self.model.sampler = self.method.sampler
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
-        self.auxiliary = AuxiliaryNetworks(self.method.auxiliary_networks((self.data.dim,)), dist_ctx)
+        self.auxiliary = AuxiliaryNetworks(self.method.auxiliary_networks(self.data.shape, cfg.model.num_classes), dist_ctx)
         self.scaler = grad_scaler(cfg.train.precision, device)
         self.replay_model = with_precision(self.model, cfg.train.precision, device)
         network = self.replay_model
         if cfg.train.compile:
             rtol = 1e-4 if cfg.train.precision == "fp32" else 3e-2
-            network = compile_model(network, self.data.dim, device, getattr(self.method, "jvp_backend", "auto"), rtol)
+            network = compile_model(network, self.data.shape, device, getattr(self.method, "jvp_backend", "auto"), rtol)
         self.train_model = dist_ctx.wrap(network)  # what the method calls
-        self.batches = ShardedBatches(self.data, cfg.train.batch_size, cfg.train.grad_accum, dist_ctx, cfg.train.seed)
+        self.batches = ShardedBatches(self.data, cfg.train.batch_size, cfg.train.grad_accum, dist_ctx, cfg.train.seed,
+                                      labels=cfg.model.num_classes > 0, label_dropout=cfg.train.label_dropout)
         self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
         self.guard = DivergenceGuard(cfg.guard)
         self.log = RunLog(self.out_dir / LOG_FILE, dist_ctx.is_main)
@@ -195,7 +215,8 @@ class Trainer:
         self.status: Optional[RunStatus] = None  # rank 0's status.json, once the run has started
         self.partially_restored = False  # a checkpoint passed its checks but failed half-way through restoring
         self.described = json_safe({"data": data_fingerprint(cfg.data.name), "method": cfg.method,
-                                    "teacher": cfg.teacher, "model": dataclasses.asdict(cfg.model)})
+                                    "teacher": cfg.teacher, "model": cfg.model.to_dict(),
+                                    "shape": list(self.data.shape), "num_classes": self.data.num_classes})
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -280,7 +301,10 @@ class Trainer:
         if restarted and self.store.root.exists():
             shutil.rmtree(self.store.root)
         write_text_atomic(self.out_dir / CONFIG_FILE, config_text(self.cfg))
-        write_json(self.out_dir / DATA_INFO_FILE, {"dim": self.data.dim, "name": self.data.name})
+        write_json(self.out_dir / DATA_INFO_FILE, {"name": self.data.name, "dim": self.data.dim,
+                                                   "shape": list(self.data.shape),
+                                                   "num_classes": self.cfg.model.num_classes,
+                                                   "data_classes": self.data.num_classes})
 
     def set_status(self, state: str, message: Optional[str] = None) -> None:
         """Rank 0: record ``state`` at the current step in ``status.json``."""
@@ -570,7 +594,7 @@ class Trainer:
         results: dict[str, Any] = {}
         if evaluate_at_end:
             results, panels = evaluate(self.ema.model, self.data, self.cfg.eval, self.cfg.train.seed, self.dist.device,
-                                       self.method.sampler, self.method.schedule)
+                                       self.method.sampler, self.method.schedule, self.described["data"])
             plot_panels(panels, self.out_dir / SAMPLES_FILE, metadata=identity,
                         title=f"{self.method.name} on {self.data.name}, {self.cfg.train.steps} steps")
             write_text_atomic(self.out_dir / METRICS_TABLE_FILE,

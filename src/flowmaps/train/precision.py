@@ -77,7 +77,7 @@ class CompileCheckError(RuntimeError):
 def check_compiled_tangents(
     compiled: nn.Module,
     eager: nn.Module,
-    dim: int,
+    shape: tuple[int, ...],
     device: torch.device,
     backend: str = "auto",
     rtol: float = 1e-4,
@@ -89,8 +89,8 @@ def check_compiled_tangents(
     """
     g = torch.Generator().manual_seed(0)
     n = 16
-    x = torch.randn(n, dim, generator=g).to(device)
-    u = torch.randn(n, dim, generator=g).to(device)
+    x = torch.randn(n, *shape, generator=g).to(device)
+    u = torch.randn(n, *shape, generator=g).to(device)
     s = torch.rand(n, generator=g).to(device)
     t = s * torch.rand(n, generator=g).to(device)
     ones = torch.ones_like(s)
@@ -119,10 +119,10 @@ def check_compiled_tangents(
     return worst
 
 
-def compile_model(model: nn.Module, dim: int, device: torch.device, backend: str, rtol: float = 1e-4) -> nn.Module:
+def compile_model(model: nn.Module, shape: tuple[int, ...], device: torch.device, backend: str, rtol: float = 1e-4) -> nn.Module:
     """``torch.compile(model)``, once ``check_compiled_tangents`` found it to agree with ``model``."""
     compiled = torch.compile(model)
-    check_compiled_tangents(compiled, model, dim, device, backend, rtol)
+    check_compiled_tangents(compiled, model, shape, device, backend, rtol)
     return compiled
 
 

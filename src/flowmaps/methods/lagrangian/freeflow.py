@@ -61,32 +61,31 @@ class FreeFlow(FromNoise):
         aux_depth: int = option(3, "depth of the auxiliary denoiser MLP", within="[1, inf)")
         aux_lr: float = option(1e-3, "Adam learning rate of the auxiliary denoiser", within="(0, inf)")
 
-    def auxiliary_networks(self, sample_shape: tuple[int, ...]) -> dict[str, AuxiliaryNetwork]:
+    def auxiliary_networks(self, sample_shape: tuple[int, ...], num_classes: int = 0) -> dict[str, AuxiliaryNetwork]:
         o = self.options
-        return {DENOISER: AuxiliaryNetwork(FlowMap(MLP(math.prod(sample_shape), o.aux_width, o.aux_depth)), o.aux_lr)}
+        denoiser = MLP(math.prod(sample_shape), o.aux_width, o.aux_depth, num_classes=num_classes)
+        return {DENOISER: AuxiliaryNetwork(FlowMap(denoiser, shape=sample_shape, num_classes=num_classes), o.aux_lr)}
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
-        if draw.pair.cond is not None:
-            raise ValueError("method 'freeflow' supports unconditional data only (its auxiliary network takes no condition)")
         if DENOISER not in ctx.auxiliary:
             raise ValueError("method 'freeflow' needs its auxiliary denoiser in ctx.auxiliary (the trainer builds it "
                              "from auxiliary_networks)")
-        aux, o, generator = ctx.auxiliary[DENOISER], self.options, draw.generator
+        aux, o, generator, cond = ctx.auxiliary[DENOISER], self.options, draw.generator, draw.pair.cond
         eps, one, t = draw.eps, draw.s, draw.t
         # prediction: V(eps, 1, t) -> sg[v_T(F(eps, 1, t), t) - (t - 1) d/dt V]
-        avg, d_avg_dt = flow_jvp(model, eps, one, t, dt=1.0, output="V", backend=self.jvp_backend, grad="primal")
+        avg, d_avg_dt = flow_jvp(model, eps, one, t, cond, dt=1.0, output="V", backend=self.jvp_backend, grad="primal")
         with torch.no_grad():
             gap = expand_like(t - 1, avg)
-            target = self.teacher.velocity(eps + gap * avg, t) - gap * d_avg_dt
+            target = self.teacher.velocity(eps + gap * avg, t, cond) - gap * d_avg_dt
         terms.add("prediction", self.weighting(avg - target, one, t))
         terms.log("tangent_norm", row_norm(d_avg_dt))
         # the auxiliary denoiser's flow-matching loss on the student's one-step samples
         noise = torch.randn(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
-        samples = model(noise, one, torch.zeros_like(one), check_times=False)
+        samples = model(noise, one, torch.zeros_like(one), cond, check_times=False)
         xi = torch.randn(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
         tau = torch.rand(eps.shape[0], generator=generator, device=eps.device, dtype=eps.dtype)
         x_aux = self.schedule.sample_xt(samples.detach(), xi, tau)
-        residual = aux(x_aux, tau, tau, output="V", check_times=False) - self.schedule.conditional_velocity(
+        residual = aux(x_aux, tau, tau, cond, output="V", check_times=False) - self.schedule.conditional_velocity(
             samples.detach(), xi, tau)
         terms.add_auxiliary("aux_loss", squared_norm(residual).mean())
         # correction: move one-step samples along the auxiliary-minus-teacher noise prediction
@@ -98,7 +97,8 @@ class FreeFlow(FromNoise):
                 tt = expand_like(tau, eps)
                 a, s_, da, ds_ = (f(tt) for f in (self.schedule.alpha, self.schedule.sigma,
                                                   self.schedule.d_alpha, self.schedule.d_sigma))
-                difference = aux(x_tau, tau, tau, output="V", check_times=False) - self.teacher.velocity(x_tau, tau)
+                difference = (aux(x_tau, tau, tau, cond, output="V", check_times=False)
+                              - self.teacher.velocity(x_tau, tau, cond))
                 step = a**2 * difference / (a * ds_ - s_ * da)
             correction = squared_norm(semigradient(samples, step), self.weighting.reduction)
             terms.add("correction", o.correction_weight * correction)
