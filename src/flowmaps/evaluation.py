@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from flowmaps import metrics
+from flowmaps.metrics import ImageMetrics, load_or_train_classifier
 from flowmaps.data import DataSource
 from flowmaps.methods import Batch
 from flowmaps.samplers import get_sampler, ode_nfe, sample_ode
@@ -83,15 +84,15 @@ class VectorScorer:
 
 
 class ImageScorer:
-    """Classifier-feature metrics against the real test split (``flowmaps.metrics.ImageMetrics``)."""
+    """Classifier-feature metrics against the real test split (``flowmaps.metrics.ImageMetrics``), at
+    ``size`` samples on each side (at most half the test split): the floor and the samples are scored at
+    the same size, since the Fréchet distance and the k-NN radii depend on it."""
 
-    def __init__(self, data: DataSource, fingerprint: str, device: torch.device):
-        from flowmaps.metrics import ImageMetrics, load_or_train_classifier
-
+    def __init__(self, data: DataSource, fingerprint: str, device: torch.device, size: int):
         test = data.test_split()
         classifier = load_or_train_classifier(fingerprint, lambda: _classifier_data(data), data.num_classes,
                                               device=device)
-        self.metrics = ImageMetrics(classifier, test.x0, test.cond)
+        self.metrics = ImageMetrics(classifier, test.x0, test.cond, size=min(size, test.x0.shape[0] // 2))
         self.classifier_accuracy = classifier.accuracy
 
     def floor(self) -> dict[str, float]:
@@ -158,7 +159,7 @@ def evaluate(
     conditional = getattr(model, "num_classes", 0) > 0
     labels = reference.cond.to(device) if conditional else None
     noise = torch.randn(n, *data.shape, generator=gen, device=device)
-    scorer = (ImageScorer(data, fingerprint or data.name, device) if uses_image_metrics(data)
+    scorer = (ImageScorer(data, fingerprint or data.name, device, n) if uses_image_metrics(data)
               else VectorScorer(data, reference, second))
     results: dict[str, Any] = {
         "floor (two data samples)": scorer.floor(),

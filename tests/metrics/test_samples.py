@@ -182,7 +182,7 @@ def test_the_two_checkerboard_estimators_and_their_floors():
     assert abs(float(exact.sum()) - 1) < 1e-12 and abs(float(mid.sum()) - 1) < 1e-12
     assert set(torch.unique(mid).tolist()) == {0.0, 1 / 1252}  # 1252 centres in filled squares
     assert float((exact - mid).abs().max()) > 0 and bool(((exact == 0) <= (mid == 0)).all())
-    samples = get_data("checkerboard").sample(65536, torch.Generator().manual_seed(0))
+    samples = get_data("checkerboard").sample(65536, torch.Generator().manual_seed(0)).x0
     floor_exact = metrics.histogram_kl(exact, samples)
     floor_mid = metrics.histogram_kl(mid, samples)
     assert abs(floor_exact - math.log(1 + 2500 / (2 * 65536))) < 0.004

@@ -24,7 +24,7 @@ the flow-map error against the exact map, and network-evaluation (NFE) counting.
   Boffi et al.'s App. G.1. The square edges fall mid-bin on the 50 x 50 grid, so the midpoint
   estimator gives a straddling bin all or none of a half-filled bin's mass, and its floor is far
   higher: 0.072 for 64k exact samples (0.129 at 16k) against the exact estimator's 0.019 (0.074),
-  ``tests/test_metrics.py``.
+  ``tests/metrics/test_samples.py``.
 - ``flow_map_error``: ``E |F_model(x_s, s, t) - F_exact(x_s, s, t)|^2 / E |F_exact(x_s, s, t) - x_s|^2``
   with ``x_s`` exact samples of the marginal at ``s``, per ``(s, t)`` pair of a grid and averaged
   over the grid: 0 for the exact map, 1 for the identity map ``F = x``.
@@ -34,8 +34,9 @@ the flow-map error against the exact map, and network-evaluation (NFE) counting.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = MMD_BAND
 
 
 def sliced_wasserstein(
-    x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, generator: Optional[torch.Generator] = None
+    x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, generator: torch.Generator | None = None
 ) -> float:
     """Sliced 2-Wasserstein distance over ``num_projections`` random directions (needs equal sizes)."""
     x, y = _check_pair(x, y)
@@ -195,7 +196,7 @@ class FlowMapReference:
     x_s: list[torch.Tensor]
     exact: list[torch.Tensor]
 
-    def only(self, keep: Callable[[float, float], bool]) -> "FlowMapReference":
+    def only(self, keep: Callable[[float, float], bool]) -> FlowMapReference:
         """The pairs ``(s, t)`` for which ``keep(s, t)`` holds (e.g. a sampler's ``trained``)."""
         chosen = [i for i, (s, t) in enumerate(self.pairs) if keep(s, t)]
         return FlowMapReference([self.pairs[i] for i in chosen], [self.x_s[i] for i in chosen],
@@ -203,11 +204,11 @@ class FlowMapReference:
 
 
 def flow_map_reference(
-    target: "GaussianMixture",
-    pairs: Optional[Sequence[tuple[float, float]]] = None,
+    target: GaussianMixture,
+    pairs: Sequence[tuple[float, float]] | None = None,
     n: int = 2048,
-    generator: Optional[torch.Generator] = None,
-    device: Union[str, torch.device] = "cpu",
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
 ) -> FlowMapReference:
     """``n`` exact samples ``x_s`` of the marginal at ``s`` and their exact images ``F(x_s, s, t)``.
 
@@ -242,8 +243,8 @@ class FlowMapError:
 
 def flow_map_error(
     model: nn.Module,
-    reference: Union[FlowMapReference, "GaussianMixture"],
-    cond: Optional[torch.Tensor] = None,
+    reference: FlowMapReference | GaussianMixture,
+    cond: torch.Tensor | None = None,
 ) -> FlowMapError:
     """``E |F_model(x_s, s, t) - F_exact(x_s, s, t)|^2 / E |F_exact(x_s, s, t) - x_s|^2`` per pair.
 
