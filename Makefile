@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test install
+.PHONY: demo test install fashion-mnist
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,15 +15,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# the tests also cover the extras (TensorBoard logging)
+# the tests also cover the extras (TensorBoard logging) and Fashion-MNIST (Debian's dataset-fashion-mnist)
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,tensorboard]"
 	touch $@
+
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+
+fashion-mnist:
+	@test -f $(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi; }
 
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/flowmaps train --out runs/demo --overwrite
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test fashion-mnist
 	$(PY) -m pytest -q

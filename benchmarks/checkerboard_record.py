@@ -47,7 +47,7 @@ import torch
 from flowmaps import metrics, runs
 from flowmaps.build import build_model
 from flowmaps.data import get_data
-from flowmaps.methods import Batch, LossContext, build_method
+from flowmaps.methods import LossContext, build_method
 from flowmaps.plots import plot_panels
 from flowmaps.samplers import check_rho, sample_flow_map, sample_ode, time_grid
 from flowmaps.schedules import get_schedule

@@ -1,7 +1,8 @@
 """Training-iteration cost of every registered method, as a ratio to flow matching (``fm``).
 
-One process times every method on the same network (an MLP, same width and depth and the same
-initial weights for all), the same batch and the same optimiser (Adam); an iteration is
+One process times every method on the same network (``--backbone``: an MLP of ``--width`` and
+``--depth``, or a registered image backbone such as ``unet`` or ``dit`` with its shape-adapted
+defaults for ``--shape``; the same initial weights for all), the same batch and the same optimiser (Adam); an iteration is
 ``method.loss`` + ``backward`` + ``optimizer.step``. Methods are timed round-robin, ``--repeats``
 rounds of ``--iters`` iterations each, so slow drifts of a shared machine hit all methods alike; the
 table reports each method's median seconds per iteration and its ratio to ``fm``'s median from the
@@ -17,6 +18,7 @@ is approximate to a few MB.
     python benchmarks/method_cost.py                    # all methods, CPU, one thread
     python benchmarks/method_cost.py --compare-backend func   # plus each JVP method with torch.func.jvp
     python benchmarks/method_cost.py --methods fm lsd meanflow --device cuda
+    python benchmarks/method_cost.py --backbone unet --shape 1,28,28 --batch 64 --repeats 5
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from flowmaps.jvp import JVP_BACKENDS
 from flowmaps.methods import (
     Batch, LossContext, build_method, describe_methods, get_method_class, method_names, method_options,
 )
-from flowmaps.nets import MLP
+from flowmaps.nets import MLP, build_backbone
+from flowmaps.train.config import ModelConfig
 from flowmaps.schedules import LinearSchedule
 from flowmaps.teachers import FlowMapTeacher
 
@@ -47,20 +50,33 @@ def takes_jvp_backend(name: str) -> bool:
     return "jvp_backend" in method_options(name)
 
 
+def network(args: argparse.Namespace) -> FlowMap:
+    """The timed network: ``--backbone`` for samples of ``--shape``."""
+    if args.backbone == "mlp":
+        return FlowMap(MLP(args.dim, args.width, args.depth))
+    return FlowMap(build_backbone(ModelConfig(args.backbone), args.shape), shape=args.shape)
+
+
+def network_label(args: argparse.Namespace) -> str:
+    if args.backbone == "mlp":
+        return f"MLP {args.width} x {args.depth}"
+    return f"{args.backbone} ({sum(p.numel() for p in network(args).parameters()):,} parameters, default options)"
+
+
 def make_setup(name: str, args: argparse.Namespace, device: torch.device, backend: Optional[str] = None):
     """The method (with ``jvp_backend=backend`` if given), a fresh student (same initial weights for
     every method), its optimiser and a batch."""
     torch.manual_seed(0)
-    model = FlowMap(MLP(args.dim, args.width, args.depth)).to(device)
+    model = network(args).to(device)
     teacher = None
     if get_method_class(name).needs_teacher:
         torch.manual_seed(1)
-        teacher = FlowMapTeacher(FlowMap(MLP(args.dim, args.width, args.depth)).to(device))
+        teacher = FlowMapTeacher(network(args).to(device))
     options = {"jvp_backend": backend} if backend is not None else {}
     method = build_method(name, LinearSchedule(), teacher=teacher, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
-    batch = Batch(torch.randn(args.batch, args.dim, generator=g, device=device))
+    batch = Batch(torch.randn(args.batch, *args.shape, generator=g, device=device))
     return method, model, optimizer, batch, g
 
 
@@ -135,7 +151,8 @@ def _status_kib(key: str) -> int:
 
 def memory_in_fresh_process(name: str, args: argparse.Namespace) -> Optional[float]:
     cmd = [sys.executable, __file__, "--memory-of", name, "--device", args.device, "--width", str(args.width),
-           "--depth", str(args.depth), "--batch", str(args.batch), "--dim", str(args.dim)]
+           "--depth", str(args.depth), "--batch", str(args.batch), "--dim", str(args.dim), "--backbone", args.backbone,
+           "--shape", ",".join(map(str, args.shape))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return None
@@ -177,7 +194,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--dim", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=2, help="vector dimension of the mlp")
+    parser.add_argument("--backbone", default="mlp", help="a registered backbone (mlp, unet, dit)")
+    parser.add_argument("--shape", default=None, help="sample shape for other backbones, e.g. 1,28,28 (default)")
     parser.add_argument("--repeats", type=int, default=21, help="round-robin rounds (the median is taken)")
     parser.add_argument("--iters", type=int, default=1, help="iterations per method and round")
     parser.add_argument("--warmup", type=int, default=2)
@@ -188,6 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one method's CPU peak memory
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.shape = (args.dim,) if args.backbone == "mlp" else tuple(int(v) for v in (args.shape or "1,28,28").split(","))
     device = torch.device(args.device)
     if args.memory_of:
         print(json.dumps({"peak_mb": peak_memory_mb(args.memory_of, args, device)}))
@@ -210,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             memory[name] = peak_memory_mb(name, args, device) if device.type == "cuda" else memory_in_fresh_process(name, args)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
-          f"{args.threads} thread(s); MLP {args.width} x {args.depth}, batch {args.batch} x {args.dim}; "
+          f"{args.threads} thread(s); {network_label(args)}, batch {args.batch} x {list(args.shape)}; "
           f"median of {args.repeats} rounds x {args.iters} iterations")
     print(table(results, memory, args.compare_backend))
     return 0

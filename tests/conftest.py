@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,20 @@ from flowmaps.oracle import ExactAverageVelocity, Gaussian, GaussianMixture
 from flowmaps.schedules import CosineSchedule, LinearSchedule
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def classifier_cache(tmp_path_factory):
+    """One feature-classifier cache for the whole session (``FLOWMAPS_CACHE``, unless the environment
+    sets one): the Fashion-MNIST classifier is trained at most once per run of the suite, and never
+    into the user's own cache."""
+    if os.environ.get("FLOWMAPS_CACHE"):
+        yield os.environ["FLOWMAPS_CACHE"]
+        return
+    path = tmp_path_factory.mktemp("flowmaps-cache")
+    os.environ["FLOWMAPS_CACHE"] = str(path)
+    yield str(path)
+    del os.environ["FLOWMAPS_CACHE"]
 
 
 @pytest.fixture(params=["linear", "cosine"])

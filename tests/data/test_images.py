@@ -10,6 +10,7 @@ from PIL import Image
 
 from flowmaps.data import data_fingerprint, get_data
 from flowmaps.data.images import FASHION_MNIST_ENV
+from tests.fashion_mnist import require_fashion_mnist
 
 
 def _save(path, value, size=(6, 6), mode="L"):
@@ -154,8 +155,6 @@ def test_fashion_mnist_idx_files_are_checked(tmp_path, monkeypatch):
 
 
 def test_missing_fashion_mnist_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch):
-    from tests.data.conftest import require_fashion_mnist
-
     monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI must have Fashion-MNIST"):

@@ -1,16 +1,15 @@
 """The feature classifier: shapes, training on a separable toy problem, and its verified on-disk cache.
 One slow test trains the real Fashion-MNIST classifier (it fails under CI=true without the data)."""
 
-import gzip
 import logging
-import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from flowmaps.data import data_fingerprint, get_data
+from flowmaps.evaluation import _classifier_data
 from flowmaps.files import read_json, write_json
 from flowmaps.metrics import ImageMetrics, classifier
 from flowmaps.metrics.classifier import (
@@ -20,6 +19,7 @@ from flowmaps.metrics.classifier import (
     train_classifier,
 )
 from flowmaps.train.checkpoint import save_weights
+from tests.fashion_mnist import require_fashion_mnist
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 4, 4), (3, 8, 8), (3, 5, 7)])
@@ -165,54 +165,17 @@ def test_the_cache_directory_follows_flowmaps_cache(tmp_path, monkeypatch):
 
 # ----- Fashion-MNIST --------------------------------------------------------------------------------
 
-FASHION_MNIST_DIR = Path(os.environ.get("FLOWMAPS_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """A gzip-compressed IDX file of unsigned bytes (Fashion-MNIST's format)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> tuple[torch.Tensor, ...]:
-    """Fashion-MNIST's training and test images in ``[-1, 1]`` (``[N, 1, 28, 28]``) with their labels.
-    Missing files fail the test under ``CI=true`` (CI must have the data) and skip it elsewhere."""
-    if not all((directory / f"{s}-{k}.gz").is_file() for s in ("train", "t10k")
-               for k in ("images-idx3-ubyte", "labels-idx1-ubyte")):
-        message = f"Fashion-MNIST's IDX files are not in {directory}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must have Fashion-MNIST: {message}")
-        pytest.skip(message)
-    out = []
-    for split in ("train", "t10k"):
-        images = _read_idx(directory / f"{split}-images-idx3-ubyte.gz")
-        labels = _read_idx(directory / f"{split}-labels-idx1-ubyte.gz")
-        out += [torch.from_numpy(images.copy())[:, None].float() / 127.5 - 1, torch.from_numpy(labels.astype(np.int64))]
-    return tuple(out)
-
-
-def test_missing_fashion_mnist_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch):
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="CI must have Fashion-MNIST"):
-        _fashion_mnist(tmp_path)
-    monkeypatch.delenv("CI")
-    with pytest.raises(pytest.skip.Exception, match="not in"):
-        _fashion_mnist(tmp_path)
-
-
 @pytest.mark.slow
-def test_the_fashion_mnist_classifier(tmp_path):
-    """Trains the real classifier (84 s on one CPU core here; loaded instead from ``$FLOWMAPS_CACHE`` when
-    that is set and holds it): above 84% test accuracy (0.8539 measured; the brief's bar is 85%, and
-    other CPUs' rounding moves the figure by tenths of a percent), and the image metrics' floor is small
-    next to noise."""
-    splits = _fashion_mnist()
+def test_the_fashion_mnist_classifier():
+    """The classifier the evaluation uses for Fashion-MNIST (trained once per test session into the
+    session's ``FLOWMAPS_CACHE``, 84 s on one CPU core here): above 84% test accuracy (0.8539 measured;
+    the brief's bar is 85%, and other CPUs' rounding moves the figure by tenths of a percent), and the
+    image metrics' floor is small next to noise."""
+    require_fashion_mnist()
+    data = get_data("fashion-mnist")
+    splits = _classifier_data(data)
     start = time.monotonic()
-    cache_dir = None if os.environ.get("FLOWMAPS_CACHE") else tmp_path
-    trained = load_or_train_classifier("test:fashion-mnist-idx", lambda: splits, 10, cache_dir=cache_dir)
+    trained = load_or_train_classifier(data_fingerprint("fashion-mnist"), lambda: splits, 10)
     print(f"Fashion-MNIST classifier: test accuracy {trained.accuracy:.4f}, trained in "
           f"{trained.info['train_seconds']} s; ready after {time.monotonic() - start:.0f} s on "
           f"{torch.get_num_threads()} thread(s)")

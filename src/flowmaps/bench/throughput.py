@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ class Throughput:
 @torch.no_grad()
 def sampling_throughput(
     model: nn.Module,
-    dim: int,
+    shape: Union[int, tuple[int, ...]],
     batch: int = 4096,
     flow_map_steps: Sequence[int] = (1, 2, 4, 8, 16),
     ode_nfe: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
@@ -45,7 +45,7 @@ def sampling_throughput(
     repeats: int = 3,
     seed: int = 0,
 ) -> list[Throughput]:
-    """Time ``sample_flow_map`` and ``sample_ode`` on ``batch`` noise vectors of ``dim`` features.
+    """Time ``sample_flow_map`` and ``sample_ode`` on ``batch`` noise samples of ``shape`` (an int: vectors).
 
     The ODE samplers run at each NFE budget of ``ode_nfe`` (Heun with ``nfe / 2`` steps, so only
     at even budgets); each timing is the fastest of ``repeats`` runs after one warm-up call.
@@ -54,7 +54,8 @@ def sampling_throughput(
         raise ValueError(f"batch and repeats must be positive; got {batch}, {repeats}")
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    noise = torch.randn(batch, dim, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    noise = torch.randn(batch, *shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
     counter = NFECounter(model)
     jobs = [("flow map", k, lambda k=k: sample_flow_map(counter, noise, k)) for k in flow_map_steps]
     for solver in ode_solvers:

@@ -60,12 +60,22 @@ def _number(value: Any) -> str:
 
 
 def metrics_section(samplers: dict[str, dict[str, Any]]) -> str:
-    """The metrics table of ``metrics.json``: one row per sampler, the floor and noise rows marked."""
-    columns = sorted({k for row in samplers.values() for k in row if k != "nfe"})
+    """The metrics table of ``metrics.json``: one row per sampler, the floor and noise rows marked; for
+    class-conditional samples a second table of the class accuracy of each class."""
+    columns = sorted({k for row in samplers.values() for k, v in row.items() if k != "nfe" and not isinstance(v, dict)})
     rows = [[name, _number(row.get("nfe", "")), *(_number(row[c]) if c in row else "" for c in columns)]
             for name, row in samplers.items()]
     classes = ["floor" if name.startswith(("floor", "noise")) else "" for name in samplers]
-    return _table(["sampler", "NFE", *columns], rows, classes)
+    table = _table(["sampler", "NFE", *columns], rows, classes)
+    per_class = {name: row["class_accuracy_per_class"] for name, row in samplers.items()
+                 if isinstance(row.get("class_accuracy_per_class"), dict)}
+    if not per_class:
+        return table
+    labels = sorted({k for accuracies in per_class.values() for k in accuracies}, key=lambda k: int(k))
+    rows = [[name, *(_number(accuracies[k]) if k in accuracies else "" for k in labels)]
+            for name, accuracies in per_class.items()]
+    marks = ["floor" if name.startswith(("floor", "noise")) else "" for name in per_class]
+    return f"{table}<h3>Class accuracy per class</h3>{_table(['sampler', *map(str, labels)], rows, marks)}"
 
 
 def loss_curves(records: list[dict[str, Any]]) -> Optional[bytes]:

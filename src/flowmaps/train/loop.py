@@ -20,7 +20,6 @@ before training starts, so final weights exist only beside the status and config
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
