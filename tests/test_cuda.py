@@ -14,11 +14,13 @@ import torch
 from flowmaps.flow_map import FlowMap
 from flowmaps.jvp import flow_jvp
 from flowmaps.methods import Batch, LossContext, build_method, get_method_class, method_names
-from flowmaps.nets import MLP
+from flowmaps.nets import MLP, backbone_entry, build_backbone
 from flowmaps.samplers import sample_consistency, sample_flow_map, sample_ode
 from flowmaps.schedules import LinearSchedule
 from flowmaps.teachers import FlowMapTeacher
+from flowmaps.train.config import ModelConfig
 from flowmaps.train.loop import train
+from flowmaps.train.precision import with_precision
 from tests.methods import test_compositional, test_eulerian, test_lagrangian
 from tests.methods.exact_checks import assert_vanishes
 from tests.train.test_loop import _assert_same_run
@@ -120,3 +122,22 @@ def test_training_on_cuda_resumes_bit_identically(tmp_path, method):
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000024")
     train(cfg, tmp_path / "cut", progress=False, evaluate_at_end=False, resume=True)
     _assert_same_run(tmp_path / "full", tmp_path / "cut", 24)
+
+
+@pytest.mark.parametrize("name", ["lsd", "meanflow", "scm"])
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_image_backbones_train_with_labels_under_bf16_autocast_on_cuda(backbone, name):
+    """A class-conditional image backbone under bf16 autocast (``train.precision=bf16``): the time
+    embeddings stay float32, the loss is finite and every parameter gets a finite gradient on the GPU."""
+    entry = backbone_entry(backbone)
+    shape = entry.options.test_shape
+    torch.manual_seed(0)
+    model = FlowMap(build_backbone(ModelConfig(backbone, 3, dict(entry.options.tiny)), shape), shape=shape,
+                    num_classes=3).to(CUDA)
+    method = build_method(name, LinearSchedule())
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    batch = Batch(torch.randn(16, *shape, generator=g, device=CUDA), torch.arange(16, device=CUDA) % 3)
+    out = method.loss(with_precision(model, "bf16", CUDA), batch, g, LossContext(0, 10))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.is_cuda and bool(torch.isfinite(p.grad).all()) for p in model.parameters())

@@ -41,6 +41,13 @@ def plot_panels(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
+    _save(fig, path, title, metadata)
+
+
+def _save(fig, path: Union[str, Path], title: str, metadata: Optional[dict[str, str]]) -> None:
+    """Title, lay out and write ``fig`` as a PNG atomically (``metadata`` as PNG text chunks), then close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -75,13 +82,7 @@ def _plot_image_panels(panels: dict[str, torch.Tensor], path: Union[str, Path], 
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata=metadata))
-    finally:
-        plt.close(fig)
+    _save(fig, path, title, metadata)
 
 
 def save_image_grid(images: torch.Tensor, path: Union[str, Path], per_row: int = 8) -> None:

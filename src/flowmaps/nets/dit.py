@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmaps.nets.embeddings import ClassEmbedding, refuse_labels
-from flowmaps.nets.layers import LayerNorm, SelfAttention, TimeEmbedding, modulate, zero_init
+from flowmaps.nets.layers import ConditionEmbedding, LayerNorm, SelfAttention, modulate, zero_init
 from flowmaps.nets.registry import BackboneOptions, register_backbone
 from flowmaps.options import option
 
@@ -82,21 +81,11 @@ class DiT(nn.Module):
         self.grid = (height // patch_size, width_px // patch_size)
         self.embed_patches = nn.Linear(channels * patch_size**2, width)
         self.register_buffer("position", sincos_position_embedding(*self.grid, width), persistent=False)
-        self.embed_s = TimeEmbedding(width, num_freqs, max_freq)
-        self.embed_interval = TimeEmbedding(width, num_freqs, max_freq)
-        self.class_embed = ClassEmbedding(num_classes, width) if num_classes > 0 else None
+        self.embedding = ConditionEmbedding(width, num_classes, num_freqs, max_freq)
         self.blocks = nn.ModuleList(DiTBlock(width, heads, dropout) for _ in range(depth))
         self.out_norm = LayerNorm(width)
         self.out_ada = zero_init(nn.Linear(width, 2 * width))
         self.out = zero_init(nn.Linear(width, channels * patch_size**2))
-
-    def embedding(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """``E_s(s) + E_d(t - s) + E_c(cond)``, in float32 (or float64) even under autocast."""
-        emb = self.embed_s(s) + self.embed_interval(t - s)
-        if self.class_embed is None:
-            refuse_labels(cond)
-            return emb
-        return emb + self.class_embed(cond, x.shape[0], x.device).to(emb.dtype)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, H/p * W/p, p * p * C]``."""
@@ -114,7 +103,7 @@ class DiT(nn.Module):
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"this dit was built for images of shape (C, H, W) = {self.shape}; got x of shape "
                              f"{tuple(x.shape)}")
-        emb = F.silu(self.embedding(x, s, t, cond))
+        emb = F.silu(self.embedding(s, t, cond))
         h = self.embed_patches(self.patchify(x)) + self.position.to(x.dtype)
         for block in self.blocks:
             h = block(h, emb)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmaps.nets.embeddings import FourierTimeEmbedding
+from flowmaps.nets.embeddings import ClassEmbedding, FourierTimeEmbedding, refuse_labels
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -151,6 +151,27 @@ class TimeEmbedding(nn.Module):
         with torch.autocast(device_type=t.device.type, enabled=False):
             features = self.features(t.to(compute_dtype(t)))
             return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class ConditionEmbedding(nn.Module):
+    """``E_s(s) + E_d(t - s) + E_c(cond)``: separate time embeddings of the source time and of the
+    interval (the post's recommendation; MeanFlow's ``(t, t - r)``), plus the class embedding with its
+    null class when ``num_classes > 0`` (an unconditional network refuses labels). Float32 (or float64)
+    even under autocast, as ``TimeEmbedding`` is. The vector that drives every block's scale and shift
+    (U-Net) or adaLN-Zero (DiT)."""
+
+    def __init__(self, dim: int, num_classes: int = 0, num_freqs: int = 16, max_freq: float = 8.0):
+        super().__init__()
+        self.embed_s = TimeEmbedding(dim, num_freqs, max_freq)
+        self.embed_interval = TimeEmbedding(dim, num_freqs, max_freq)
+        self.class_embed = ClassEmbedding(num_classes, dim) if num_classes > 0 else None
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        emb = self.embed_s(s) + self.embed_interval(t - s)
+        if self.class_embed is None:
+            refuse_labels(cond)
+            return emb
+        return emb + self.class_embed(cond, s.shape[0], s.device).to(emb.dtype)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmaps.nets.embeddings import ClassEmbedding, refuse_labels
-from flowmaps.nets.layers import GroupNorm, SelfAttention, TimeEmbedding, downsample, modulate, upsample, zero_init
+from flowmaps.nets.layers import ConditionEmbedding, GroupNorm, SelfAttention, downsample, modulate, upsample, zero_init
 from flowmaps.nets.registry import BackboneOptions, register_backbone
 from flowmaps.options import option, require
 
@@ -117,9 +116,7 @@ class UNet(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         emb_dim = 4 * channels
-        self.embed_s = TimeEmbedding(emb_dim, num_freqs, max_freq)
-        self.embed_interval = TimeEmbedding(emb_dim, num_freqs, max_freq)
-        self.class_embed = ClassEmbedding(num_classes, emb_dim) if num_classes > 0 else None
+        self.embedding = ConditionEmbedding(emb_dim, num_classes, num_freqs, max_freq)
 
         def stage(cin: int, cout: int, resolution: int) -> Stage:
             attention = AttentionBlock(cout, heads, head_dim) if resolution in attention_resolutions else None
@@ -150,21 +147,13 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm(ch)
         self.out = zero_init(nn.Conv2d(ch, shape[0], 3, padding=1))
 
-    def embedding(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """``E_s(s) + E_d(t - s) + E_c(cond)``, in float32 (or float64) even under autocast."""
-        emb = self.embed_s(s) + self.embed_interval(t - s)
-        if self.class_embed is None:
-            refuse_labels(cond)
-            return emb
-        return emb + self.class_embed(cond, x.shape[0], x.device).to(emb.dtype)
-
     def forward(
         self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"this unet was built for images of shape (C, H, W) = {self.shape}; got x of shape "
                              f"{tuple(x.shape)}")
-        emb = F.silu(self.embedding(x, s, t, cond))
+        emb = F.silu(self.embedding(s, t, cond))
         h = self.input(x)
         skips = [h]
         for module in self.encoder:
