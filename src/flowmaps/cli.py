@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a flow map (no arguments: the default checkerboard LSD experiment)")
     p.add_argument("--config", help="YAML or TOML config file")
-    p.add_argument("--data", help="built-in set (checkerboard, moons, 8gaussians, spirals, ring), .npy, or mixture .json/.yaml")
+    p.add_argument("--data", help="built-in set (checkerboard, moons, 8gaussians, spirals, ring), fashion-mnist, "
+                                  ".npy / .npz (images [N, C, H, W], labels y), a folder of class sub-folders of "
+                                  "images, or a mixture spec .json/.yaml")
     p.add_argument("--method", help="training method (see `flowmaps methods`)")
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--batch-size", type=int, help="batch size")

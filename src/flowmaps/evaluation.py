@@ -90,7 +90,7 @@ class ImageScorer:
 
     def __init__(self, data: DataSource, fingerprint: str, device: torch.device, size: int):
         test = data.test_split()
-        classifier = load_or_train_classifier(fingerprint, lambda: _classifier_data(data), data.num_classes,
+        classifier = load_or_train_classifier(fingerprint, lambda: classifier_data(data), data.num_classes,
                                               device=device)
         self.metrics = ImageMetrics(classifier, test.x0, test.cond, size=min(size, test.x0.shape[0] // 2))
         self.classifier_accuracy = classifier.accuracy
@@ -102,7 +102,7 @@ class ImageScorer:
         return self.metrics(samples, labels)
 
 
-def _classifier_data(data: DataSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def classifier_data(data: DataSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training and test images and labels of ``data``, for the feature classifier."""
     train, test = data.full_split(), data.test_split()
     return train.x0, train.cond, test.x0, test.cond

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowmaps.data import data_fingerprint, get_data
-from flowmaps.evaluation import _classifier_data
+from flowmaps.evaluation import classifier_data
 from flowmaps.files import read_json, write_json
 from flowmaps.metrics import ImageMetrics, classifier
 from flowmaps.metrics.classifier import (
@@ -173,7 +173,7 @@ def test_the_fashion_mnist_classifier():
     image metrics' floor is small next to noise."""
     require_fashion_mnist()
     data = get_data("fashion-mnist")
-    splits = _classifier_data(data)
+    splits = classifier_data(data)
     start = time.monotonic()
     trained = load_or_train_classifier(data_fingerprint("fashion-mnist"), lambda: splits, 10)
     print(f"Fashion-MNIST classifier: test accuracy {trained.accuracy:.4f}, trained in "
