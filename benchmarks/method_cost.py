@@ -65,7 +65,7 @@ def network_label(args: argparse.Namespace) -> str:
 
 def make_setup(name: str, args: argparse.Namespace, device: torch.device, backend: Optional[str] = None):
     """The method (with ``jvp_backend=backend`` if given), a fresh student (same initial weights for
-    every method), its optimiser and a batch."""
+    every method), its optimiser, a batch, the generator and the method's auxiliary networks."""
     torch.manual_seed(0)
     model = network(args).to(device)
     teacher = None
@@ -74,16 +74,20 @@ def make_setup(name: str, args: argparse.Namespace, device: torch.device, backen
         teacher = FlowMapTeacher(network(args).to(device))
     options = {"jvp_backend": backend} if backend is not None else {}
     method = build_method(name, LinearSchedule(), teacher=teacher, **options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    auxiliary = {k: a.module.to(device) for k, a in method.auxiliary_networks(args.shape).items()}
+    optimizer = torch.optim.Adam([*model.parameters(), *(p for m in auxiliary.values() for p in m.parameters())],
+                                 lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
     batch = Batch(torch.randn(args.batch, *args.shape, generator=g, device=device))
-    return method, model, optimizer, batch, g
+    return method, model, optimizer, batch, g, auxiliary
 
 
-def iteration(method, model, optimizer, batch, generator, step: int, total: int) -> None:
-    out = method.loss(model, batch, generator, LossContext(step, total))
+def iteration(method, model, optimizer, batch, generator, auxiliary, step: int, total: int) -> None:
+    """One training iteration, the method's auxiliary networks (FreeFlow's denoiser) trained beside the
+    model by the same optimiser, as the trainer does with one of their own."""
+    out = method.loss(model, batch, generator, LossContext(step, total, auxiliary=auxiliary))
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    (out.loss if out.auxiliary_loss is None else out.loss + out.auxiliary_loss).backward()
     optimizer.step()
 
 
