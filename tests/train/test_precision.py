@@ -92,7 +92,7 @@ def test_compile_check_rejects_wrong_or_failing_tangents():
 @pytest.mark.parametrize("backend", ["func", "finite_difference"])
 def test_compiled_and_eager_tangents_agree(backend):
     model = _flow_map()
-    compiled = compile_model(model, 2, torch.device("cpu"), backend)
+    compiled = compile_model(model, (2,), torch.device("cpu"), backend)
     x, u, s, t = _inputs()
     (pc, tc), (pe, te) = _tangent(compiled, x, u, s, t), _tangent(model, x, u, s, t)
     assert torch.allclose(tc, te, rtol=1e-4, atol=1e-5) and torch.allclose(pc, pe, rtol=1e-4, atol=1e-5)
