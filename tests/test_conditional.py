@@ -32,7 +32,7 @@ def _train(tmp_path, name: str, num_classes: int) -> str:
     spec = tmp_path / "labelled.json"
     spec.write_text(json.dumps(SPEC))
     out = tmp_path / name
-    assert main(["train", "--data", str(spec), "--steps", "400", "--batch-size", "128", "--out", str(out),
+    assert main(["train", "--data", str(spec), "--steps", "200", "--batch-size", "64", "--out", str(out),
                  "--no-progress", "--set", "model.backbone=unet", "--set", f"model.num_classes={num_classes}",
                  "--set", "eval.n_samples=512", "--set", "eval.nfe=[2]"]) == 0
     return str(out)
