@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# the tests also cover the extras (TensorBoard logging) and Fashion-MNIST (Debian's dataset-fashion-mnist)
+# the tests also cover the extras (TensorBoard logging, diffusers) and Fashion-MNIST (Debian's dataset-fashion-mnist)
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test,tensorboard]"
+	$(PY) -m pip install -q -e ".[test,tensorboard,diffusers]"
 	touch $@
 
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
@@ -33,5 +33,6 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/flowmaps train --out runs/demo --overwrite
 
+# two pytest-xdist workers, one torch thread each (tests/conftest.py), on the two cores
 test: $(VENV)/.installed-test fashion-mnist
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2

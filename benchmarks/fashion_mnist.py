@@ -33,30 +33,53 @@ FLOW_MAP_NFE = [1, 2, 4, 8]
 COLUMNS = ("fd", "precision", "recall", "class_accuracy")
 
 
-def contestant_config(base: dict[str, Any], method: str, steps: int, overrides: dict[str, Any]) -> Any:
+def parse_contestant(spec: str) -> dict[str, Any]:
+    """``NAME`` or ``NAME:KEY=VALUE,...`` (the method's options, e.g. ``lsd:diagonal_warmup=0.5``)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for assignment in filter(None, rest.split(",")):
+        apply_override(options, f"method.{assignment}")
+    return {"name": name, **options.get("method", {})}
+
+
+def contestant_config(base: dict[str, Any], method: dict[str, Any], steps: int, overrides: dict[str, Any]) -> Any:
     values = json.loads(json.dumps(base))
-    values["method"] = {"name": method}
+    values["method"] = dict(method)
     values.setdefault("train", {})["steps"] = steps
-    values.setdefault("eval", {})["nfe"] = ODE_NFE if method == "fm" else FLOW_MAP_NFE
+    values.setdefault("eval", {})["nfe"] = ODE_NFE if method["name"] == "fm" else FLOW_MAP_NFE
     for section, entries in overrides.items():
         values.setdefault(section, {}).update(entries)
     return config_from_dict(values)
 
 
-def seconds_per_step(base: dict[str, Any], method: str, steps: int, overrides: dict[str, Any]) -> float:
-    """Training seconds per step of ``method``, from a ``steps``-step run without evaluation."""
+def seconds_per_step(base: dict[str, Any], method: dict[str, Any], steps: int, overrides: dict[str, Any]) -> float:
+    """Training seconds per step of ``method``, from a ``steps``-step run without evaluation.
+
+    A method with a ``diagonal_warmup`` has two step costs, the warm-up's (flow matching alone) and the
+    rule's, each timed on its own; the result is their average weighted by the warm-up fraction."""
+    warmup = float(method.get("diagonal_warmup", 0.0))
+    if warmup == 0:
+        return _timed(base, method, steps, overrides)
+    diagonal = _timed(base, {**method, "diagonal_warmup": 0.99}, steps, overrides)
+    rule = _timed(base, {**method, "diagonal_warmup": 0.0}, steps, overrides)
+    return warmup * diagonal + (1 - warmup) * rule
+
+
+def _timed(base: dict[str, Any], method: dict[str, Any], steps: int, overrides: dict[str, Any]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = contestant_config(base, method, steps, {**overrides, "checkpoint": {"every": 0}})
         result = train(cfg, Path(tmp) / "calibration", progress=False, evaluate_at_end=False)
     return result.train_seconds / steps
 
 
-def run(base: dict[str, Any], method: str, minutes: float, out: Path, calibrate: int,
+def run(base: dict[str, Any], spec: str, minutes: float, out: Path, calibrate: int,
         overrides: dict[str, Any]) -> dict[str, Any]:
+    method = parse_contestant(spec)
     per_step = seconds_per_step(base, method, calibrate, overrides)
     steps = max(calibrate, int(minutes * 60 / per_step))
-    result = train(contestant_config(base, method, steps, overrides), out / method, progress=False, overwrite=True)
-    return {"method": method, "steps": steps, "seconds_per_step": per_step, "train_seconds": result.train_seconds,
+    result = train(contestant_config(base, method, steps, overrides), out / spec.replace(":", "-").replace(",", "-"),
+                   progress=False, overwrite=True)
+    return {"method": spec, "steps": steps, "seconds_per_step": per_step, "train_seconds": result.train_seconds,
             "samplers": result.metrics["samplers"]}
 
 
@@ -97,7 +120,8 @@ def ratios(results: list[dict[str, Any]]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "fashion-mnist.yaml"))
-    parser.add_argument("--methods", nargs="+", default=["fm", "lsd", "imf", "scm"])
+    parser.add_argument("--methods", nargs="+", default=["fm", "lsd", "imf", "scm"],
+                        help="contestants: NAME or NAME:KEY=VALUE,... with the method's options")
     parser.add_argument("--minutes", type=float, default=9.0, help="training minutes per contestant")
     parser.add_argument("--calibrate", type=int, default=10, help="steps of the timing run")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -12,13 +12,18 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def classifier_cache(tmp_path_factory):
-    """One feature-classifier cache for the whole session (``FLOWMAPS_CACHE``, unless the environment
-    sets one): the Fashion-MNIST classifier is trained at most once per run of the suite, and never
-    into the user's own cache."""
+    """One feature-classifier cache for the whole run of the suite (``FLOWMAPS_CACHE``, unless the
+    environment sets one), shared by pytest-xdist's workers: the Fashion-MNIST classifier is trained
+    once per run (its files are written atomically, so two workers that race write the same bytes),
+    and never into the user's own cache."""
     if os.environ.get("FLOWMAPS_CACHE"):
         yield os.environ["FLOWMAPS_CACHE"]
         return
-    path = tmp_path_factory.mktemp("flowmaps-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "flowmaps-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("flowmaps-cache")
     os.environ["FLOWMAPS_CACHE"] = str(path)
     yield str(path)
     del os.environ["FLOWMAPS_CACHE"]

@@ -99,3 +99,37 @@ def test_checkerboard_record_stops_a_run_whose_loss_leaves_the_median_for_good(t
     result = json.loads((tmp_path / "out" / "record.json").read_text())
     assert result["diverged_at_step"] == 205 and result["steps"] == 209 and result["skipped_spikes"] == 4
     assert result["train_seconds"] < 60 and "diverged at step 205" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_distill_diffusers_trains_a_diffusers_teacher_distils_and_scores_it(tmp_path, capsys):
+    """``--quick`` cut further: the diffusers teacher is trained and saved where ``diffusers:DIR`` reads it, its
+    three students (conditional, guided teacher, guidance-conditioned) train through ``flowmaps.train``, and
+    the table scores them against the teacher's DDIM at the same scale (slow: the feature classifier)."""
+    from flowmaps.teachers import load_teacher
+    from tests.fashion_mnist import require_fashion_mnist
+    from tests.teachers import require_diffusers
+
+    require_fashion_mnist()
+    require_diffusers()
+    distill = _script("distill_diffusers")
+    out = tmp_path / "out"
+    assert distill.main(["--quick", "--out", str(out), "--teacher-steps", "3", "--student-steps", "2",
+                         "--n-samples", "16", "--ddim-steps", "2", "3", "--sample-steps", "1", "2"]) == 0
+    text = capsys.readouterr().out
+    teacher = load_teacher(f"diffusers:{out / 'teacher'}")
+    assert teacher.num_classes == 10 and teacher.shape == (1, 28, 28)
+    result = json.loads((out / "distill_diffusers.json").read_text())
+    rows = {(r["model"], r["w"], r["steps"]): r for r in result["rows"]}
+    students = [("cd", 1.0), ("cd, teacher w = 2", 2.0), ("cd, w in [1, 3]", 1.0), ("cd, w in [1, 3]", 2.0)]
+    assert set(rows) == ({("teacher", w, k) for w in (1.0, 2.0) for k in (2, 3)}
+                         | {(name, w, k) for name, w in students for k in (1, 2)})
+    assert rows[("teacher", 2.0, 3)]["nfe"] == 6 and rows[("teacher", 1.0, 3)]["fd_ratio"] == 1.0
+    assert all(r["fd"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in rows.values())
+    assert "FD / teacher 3-step DDIM" in text and (out / "distill_diffusers.md").read_text() in text
+    assert "cd, w in [1, 3] (w = 2), 1 step: " in text and (out / "samples" / "cd-guided-w2-2.png").is_file()
+    assert "guidance: true" in (out / "cd-w-conditioned" / "config.yaml").read_text()
+    assert "teacher_scale: 2.0" in (out / "cd-guided" / "config.yaml").read_text()
+    for bad in (["--guidance", "4"], ["--methods", "lsd"], ["--n-samples", "3"]):
+        with pytest.raises(SystemExit):
+            distill.main(["--quick", "--out", str(tmp_path / "bad"), *bad])

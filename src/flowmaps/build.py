@@ -69,7 +69,9 @@ def build_model(cfg: Config, shape: Union[int, tuple[int, ...]]) -> FlowMap:
     nbytes = sum(t.numel() * t.element_size() for t in (*shapes.parameters(), *shapes.buffers()))
     m = cfg.model
     check_fits(nbytes, torch.device("cpu"), f"a {m.backbone} model ({m.to_dict()}) on data of shape {list(shape)}")
-    return FlowMap(build_backbone(cfg.model, shape), shape=shape, num_classes=m.num_classes)
+    scales = cfg.train.guidance_range
+    return FlowMap(build_backbone(cfg.model, shape), shape=shape, num_classes=m.num_classes,
+                   guidance_range=None if scales is None else (scales[0], scales[1]))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from flowmaps.samplers import SAMPLERS
 from flowmaps.train.config import Config, ConfigError, apply_override, read_config_file
 
 
-_RESUME_CONFLICTS = ("config", "data", "method", "batch_size", "seed", "teacher", "out", "overwrite")
+_RESUME_CONFLICTS = ("config", "data", "method", "batch_size", "seed", "teacher", "guidance", "init_from", "out",
+                     "overwrite")
 _RESUME_SETTABLE = ("train.steps", "train.device", "train.log_every", "train.compile", "train.grad_accum",
                     "checkpoint.", "guard.", "distributed.", "eval.")
 
@@ -33,7 +34,8 @@ _RESUME_SETTABLE = ("train.steps", "train.device", "train.log_every", "train.com
 def _config_from_args(args: argparse.Namespace) -> Config:
     values = read_config_file(args.config) if args.config else {}
     shortcuts = {"data.name": args.data, "method.name": args.method, "train.steps": args.steps,
-                 "train.batch_size": args.batch_size, "train.seed": args.seed, "train.device": args.device}
+                 "train.batch_size": args.batch_size, "train.seed": args.seed, "train.device": args.device,
+                 "guidance.teacher_scale": args.guidance, "train.init_from": args.init_from}
     if args.teacher is not None:
         values["teacher"] = args.teacher
     for key, value in shortcuts.items():
@@ -123,6 +125,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def guided_condition(labels: Optional[torch.Tensor], w: float, model: Any) -> Any:
+    """``--guidance W``: the labels with scale ``w`` on every row, for a model that takes it (checked:
+    finite, ``>= 0``, a guidance input, within the trained range)."""
+    from flowmaps.conditions import guided
+    from flowmaps.nets.embeddings import check_guidance_input
+
+    if labels is None:
+        raise ValueError("--guidance needs class labels: this run's model is unconditional or --class none was given")
+    cond = guided(labels, w)
+    check_guidance_input(cond.scale, model.takes_guidance, model.guidance_range)
+    return cond
+
+
 def class_labels(spec: Optional[str], n: int, num_classes: int, device: torch.device) -> Optional[torch.Tensor]:
     """The ``[n]`` labels ``--class`` asks for: ``K`` or ``K1,K2,...`` (cycled over the samples), ``all``
     (every class in turn; the default of a class-conditional model) or ``none`` (the null class: the
@@ -175,6 +190,7 @@ def _sample(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / CONFIG_FILE)
     shape = data_info(run_dir).shape
     labels = class_labels(args.classes, args.n, model.num_classes, device)
+    cond = labels if args.guidance is None else guided_condition(labels, args.guidance, model)
     dim = math.prod(shape)
     request = f"--n {args.n} ({args.n} samples of shape {list(shape)})"
     check_fits(4 * args.n * 8 * dim, device, request)  # noise, samples, copies and a few activations per sample
@@ -183,11 +199,11 @@ def _sample(args: argparse.Namespace) -> int:
         noise = torch.randn(args.n, *shape, generator=gen, device=device)
         with torch.no_grad():
             if sampler is None:
-                x = sample_in_chunks(lambda z, c: sample_ode(model, z, grid, "euler", c), noise, labels)
+                x = sample_in_chunks(lambda z, c: sample_ode(model, z, grid, "euler", c), noise, cond)
             else:
                 x = sample_in_chunks(lambda z, c: sampler.sample(model, z, args.nfe, c, rho=args.rho,
                                                                  schedule=get_schedule(cfg.train.schedule),
-                                                                 generator=gen), noise, labels)
+                                                                 generator=gen), noise, cond)
         array = x.cpu().numpy()
     except (MemoryError, torch.OutOfMemoryError) as err:
         raise out_of_memory(err, request, device) from err
@@ -206,7 +222,8 @@ def _sample(args: argparse.Namespace) -> int:
     meta = {"run": str(run_dir), "sampler": name, "method_sampler": model.sampler, "nfe": args.nfe, "rho": args.rho,
             "n": args.n, "seed": args.seed, "weights": "raw" if args.raw else "ema", "weights_file": source["weights"],
             "run_id": source["run_id"], "config_hash": source["config_hash"], "run_state": source["state"],
-            "shape": list(shape), "classes": None if labels is None else labels.cpu().tolist()}
+            "shape": list(shape), "classes": None if labels is None else labels.cpu().tolist(),
+            "guidance": args.guidance}
     write_json(out.with_suffix(".json"), meta)
     if len(shape) == 3:
         save_image_grid(x, out.with_suffix(".png"))
@@ -281,6 +298,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from flowmaps.export import export_diffusers
+
+        out = export_diffusers(args.run_dir, args.diffusers, ema=not args.raw, allow_unfinished=args.allow_unfinished)
+    except ImportError as err:
+        print(f"flowmaps: error: {err}", file=sys.stderr)
+        return 2
+    print(f"flowmaps: exported {args.run_dir} to {out} (load it with flowmaps.export.FlowMapPipeline.from_pretrained)")
+    return 0
+
+
 def _name_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -301,7 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--batch-size", type=int, help="batch size")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--teacher", help="for distillation methods: 'exact' (mixture data) or a trained RUN_DIR")
+    p.add_argument("--teacher", help="for distillation methods: 'exact' (mixture data), 'exact:SPEC' (another "
+                                     "mixture spec), a trained RUN_DIR, or 'diffusers:DIR' (a diffusers UNet2DModel "
+                                     "and scheduler; the diffusers extra)")
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="distil the teacher's classifier-free guided velocity at scale W (guidance.teacher_scale; "
+                        "1: conditional, 0: unconditional; a class-conditional model)")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start a fresh run from the EMA weights of the finished run RUN_DIR (train.init_from; same "
+                        "data shape, classes and model section; not with --resume)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="run directory (default runs/<method>-<data>-<time>)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key (repeatable)")
@@ -332,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--class", dest="classes", metavar="K",
                    help="class-conditional models: a class, a comma-separated list (cycled), all (default) or none")
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="guidance scale w of a guidance-conditioned model (model.guidance; 1: conditional, 0: "
+                        "unconditional), within the range it was trained on")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="sample a run that has not finished (running, interrupted, diverged, failed) from its newest "
@@ -357,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", nargs="?", help="a run directory")
     p.add_argument("--bench", metavar="DIR", help="a bench directory instead of a run")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("export", help="write a trained run as a diffusers folder (FlowMapEulerDiscreteScheduler; "
+                                      "needs pip install flowmaps[diffusers])")
+    p.add_argument("run_dir")
+    p.add_argument("--diffusers", required=True, metavar="DIR",
+                   help="the folder to write (missing, empty or an earlier export)")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export a run that has not finished from its newest valid checkpoint instead of refusing")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("methods", help="list training methods with their rule, setting, cost and sampler; "
                                        "with a NAME, that method's options with their defaults and meaning")

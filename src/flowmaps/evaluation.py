@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from flowmaps import metrics
+from flowmaps.conditions import Condition
 from flowmaps.metrics import ImageMetrics, load_or_train_classifier
 from flowmaps.data import DataSource
 from flowmaps.methods import Batch
@@ -113,9 +114,10 @@ def uses_image_metrics(data: DataSource) -> bool:
     return len(data.shape) == 3 and data.num_classes > 0 and data.test_split() is not None
 
 
-def sample_in_chunks(fn: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], noise: torch.Tensor,
-                     labels: Optional[torch.Tensor]) -> torch.Tensor:
-    """``fn(noise, labels)`` over row chunks of at most ``CHUNK_VALUES`` values, concatenated on the CPU."""
+def sample_in_chunks(fn: Callable[[torch.Tensor, Condition], torch.Tensor], noise: torch.Tensor,
+                     labels: Condition) -> torch.Tensor:
+    """``fn(noise, labels)`` over row chunks of at most ``CHUNK_VALUES`` values, concatenated on the CPU
+    (``labels``: the condition, class labels or a ``Guided`` pair, sliced with the noise)."""
     size = max(1, CHUNK_VALUES // math.prod(noise.shape[1:]))
     parts = [fn(noise[i:i + size], None if labels is None else labels[i:i + size]).cpu()
              for i in range(0, noise.shape[0], size)]

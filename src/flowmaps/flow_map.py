@@ -21,6 +21,8 @@ from typing import Literal, Optional, Protocol, Union
 import torch
 from torch import nn
 
+from flowmaps.conditions import Condition, labels_of, scale_of
+from flowmaps.nets.embeddings import check_guidance_input, check_label_range, check_labels, classes_of, takes_guidance
 from flowmaps.time_args import TimeLike, as_batch_time, check_unit_interval, expand_like
 
 
@@ -42,27 +44,39 @@ class FlowMap(nn.Module):
     ``tangent_grad=False`` for a stop-gradient tangent beside a gradient-carrying output); going
     through ``forward`` keeps that DDP-safe too. Times are floats
     or ``[B]`` tensors; with ``check_times=True`` (the default for users) they are validated to lie
-    in ``[0, 1]``, which costs a device synchronisation, so training code passes ``False``.
+    in ``[0, 1]`` and the labels ``cond`` to lie in the model's classes, which costs a device
+    synchronisation, so training code passes ``False``.
     ``sampler`` names the sampler of the method that trained the map (``flowmaps.samplers.SAMPLERS``;
     ``flowmaps.load`` sets it from the run), which ``flowmaps.samplers.sample`` uses. ``shape`` (one
     sample's shape) and ``num_classes`` (0: unconditional) say what the map was built for
-    (``flowmaps.build.build_model`` sets them), so a sampler can draw noise and check labels.
+    (``flowmaps.build.build_model`` sets them; ``num_classes`` defaults to the backbone's class
+    embedding's), so a sampler can draw noise and check labels. ``cond`` may be a
+    ``flowmaps.conditions.Guided`` pair of labels and guidance scales ``w`` for a network with the
+    guidance input (``model.guidance``); ``guidance_range`` (the ``train.guidance_range`` it was
+    trained on) bounds the scales a user may pass, and a network without the input takes only
+    ``w = 1``.
     """
 
     def __init__(self, net: nn.Module, sampler: str = "flow_map", shape: Optional[tuple[int, ...]] = None,
-                 num_classes: int = 0):
+                 num_classes: int = 0, guidance_range: Optional[tuple[float, float]] = None):
         super().__init__()
         self.net = net
         self.sampler = sampler
         self.shape = None if shape is None else tuple(shape)
-        self.num_classes = num_classes
+        self.num_classes = num_classes or classes_of(net)
+        self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the network has the guidance-scale input: ``F(x, s, t, c, w)`` (``model.guidance``)."""
+        return takes_guidance(self.net)
 
     def forward(
         self,
         x: torch.Tensor,
         s: TimeLike,
         t: TimeLike,
-        cond: Optional[torch.Tensor] = None,
+        cond: Condition = None,
         *,
         output: Literal["F", "V"] = "F",
         check_times: bool = True,
@@ -76,6 +90,11 @@ class FlowMap(nn.Module):
         if check_times:
             check_unit_interval(sb, "s")
             check_unit_interval(tb, "t")
+            labels = labels_of(cond)
+            if labels is not None and self.num_classes > 0:
+                check_labels(labels, x.shape[0])
+                check_label_range(labels, self.num_classes)
+            check_guidance_input(scale_of(cond), self.takes_guidance, self.guidance_range)
         if tangents is not None:
             dx, ds, dt = tangents
             if dx.shape != x.shape:

@@ -17,6 +17,11 @@ A labelled mixture gives each component a class (spec §7). Its class-conditiona
 ``v(x, t, c)`` is the velocity of the mixture over class ``c``'s components with their weights
 renormalised within the class, i.e. the posterior weights restricted to those components and
 renormalised; a row whose label is ``NULL_LABEL`` (-1) gets the unconditional velocity.
+
+Guidance (spec §7, diffusers' ``guidance_scale``): ``v_w(x, t, c) = v(x, t, None) + w (v(x, t, c) -
+v(x, t, None))``, ``w = 1`` the conditional velocity, ``w = 0`` the unconditional one; the guided
+flow map ``F_w`` is the flow map of ``dx/dt = v_w``. Both take ``guidance=w`` (a float or a ``[B]``
+tensor, ``w >= 0``).
 """
 
 from __future__ import annotations
@@ -142,11 +147,34 @@ class GaussianMixture:
         log_post = log_post - torch.logsumexp(log_post, dim=1, keepdim=True)
         return log_post, q, diff, a, s, da, ds, mu, c
 
-    def velocity(self, x: torch.Tensor, t: TimeLike, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: TimeLike, cond: torch.Tensor | None = None,
+                 guidance: TimeLike | None = None) -> torch.Tensor:
         """The exact velocity ``v(x, t) = E[alpha' x_0 + sigma' eps | x_t = x]``; with ``cond`` (``[B]``
-        class labels, ``NULL_LABEL`` for none) row ``i``'s is conditioned on class ``cond[i]``."""
+        class labels, ``NULL_LABEL`` for none) row ``i``'s is conditioned on class ``cond[i]``; with
+        ``guidance`` ``w`` it is the guided ``v_w = v(x, t, None) + w (v(x, t, c) - v(x, t, None))``."""
         x64, t64 = self._inputs(x, t)
-        return self._velocity(x64, t64, self._check_cond(cond, x64)).to(x.dtype)
+        labels = self._check_cond(cond, x64)
+        return self._guided_velocity(x64, t64, labels, self._check_guidance(guidance, cond, x64)).to(x.dtype)
+
+    def _guided_velocity(self, x64: torch.Tensor, t64: torch.Tensor, labels: torch.Tensor | None,
+                         w: torch.Tensor | None) -> torch.Tensor:
+        if w is None or labels is None:
+            return self._velocity(x64, t64, labels)
+        unconditional = self._velocity(x64, t64, None)
+        return unconditional + w[:, None] * (self._velocity(x64, t64, labels) - unconditional)
+
+    def _check_guidance(self, guidance: TimeLike | None, cond: torch.Tensor | None,
+                        x64: torch.Tensor) -> torch.Tensor | None:
+        """``guidance`` as a ``[B]`` float64 tensor of finite scales ``w >= 0`` (``None``: unguided)."""
+        if guidance is None:
+            return None
+        if self.labels is None or cond is None:
+            raise ValueError("guidance needs class labels: a labelled mixture and cond (v_w mixes the conditional "
+                             "and the unconditional velocity)")
+        w = as_batch_time(guidance, x64, "guidance")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"guidance scale w must be finite and >= 0; got {w.unique().tolist()[:4]}")
+        return w
 
     def _velocity(self, x64: torch.Tensor, t64: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         log_post, q, diff, a, s, da, ds, mu, c = self._component_stats(x64, t64, cond)
@@ -204,9 +232,9 @@ class GaussianMixture:
 
     # ----- flow map ---------------------------------------------------------------------------
     def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: torch.Tensor | None = None,
-                 rtol: float = 1e-9, atol: float = 1e-10) -> torch.Tensor:
-        """The exact ``F(x, s, t)`` (given class ``cond[i]`` in row ``i``, as ``velocity``): the
-        probability-flow ODE of that velocity solved from ``s`` to ``t`` in float64.
+                 rtol: float = 1e-9, atol: float = 1e-10, guidance: TimeLike | None = None) -> torch.Tensor:
+        """The exact ``F(x, s, t)`` (given class ``cond[i]`` in row ``i`` and guided by ``guidance``, as
+        ``velocity``): the probability-flow ODE of that velocity solved from ``s`` to ``t`` in float64.
 
         Times may differ per example: the ODE is integrated in ``tau in [0, 1]`` with
         ``time = s + tau (t - s)`` and ``dx/dtau = (t - s) v(x, time)``.
@@ -216,10 +244,11 @@ class GaussianMixture:
         check_unit_interval(sb, "s")
         check_unit_interval(tb, "t")
         labels = self._check_cond(cond, x64)
+        w = self._check_guidance(guidance, cond, x64)
         gap = (tb - sb)[:, None]
 
         def rhs(tau: float, y: torch.Tensor) -> torch.Tensor:
-            return gap * self._velocity(y, sb + tau * (tb - sb), labels)
+            return gap * self._guided_velocity(y, sb + tau * (tb - sb), labels, w)
 
         return integrate_dopri5(rhs, x64, rtol=rtol, atol=atol).to(x.dtype)
 
@@ -255,14 +284,15 @@ class Gaussian(GaussianMixture):
         return Gaussian(self.means[0], self.stds[0], schedule)
 
     def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: torch.Tensor | None = None,
-                 rtol: float = 0.0, atol: float = 0.0) -> torch.Tensor:
+                 rtol: float = 0.0, atol: float = 0.0, guidance: TimeLike | None = None) -> torch.Tensor:
         """``F(x, s, t) = alpha_t mu + sqrt(q_t / q_s) (x - alpha_s mu)`` (exact; tolerances unused).
-        A single Gaussian has no classes: ``cond`` may only hold ``NULL_LABEL``."""
+        A single Gaussian has no classes: ``cond`` may only hold ``NULL_LABEL`` and it takes no guidance."""
         x64 = x.to(torch.float64)
         sb, tb = as_batch_time(s, x64, "s"), as_batch_time(t, x64, "t")
         check_unit_interval(sb, "s")
         check_unit_interval(tb, "t")
         self._check_cond(cond, x64)
+        self._check_guidance(guidance, cond, x64)
         mu, c = self.means[0].to(x.device), self.stds[0].to(x.device)
         sch = self.schedule
 

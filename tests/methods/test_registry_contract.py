@@ -16,6 +16,7 @@ A method registered without passing these fails the suite.
 """
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -154,3 +155,23 @@ def test_the_method_sampler_reproduces_the_exact_map(name):
         else:
             with pytest.raises(ValueError, match="at most 1 step"):
                 sampler.sample(model, noise, 2)
+
+
+WARMING = [n for n in NAMES if "diagonal_warmup" in {f.name for f in dataclasses.fields(get_method_class(n).Options)}]
+
+
+@pytest.mark.parametrize("name", WARMING)
+def test_the_diagonal_warmup_trains_flow_matching_on_the_whole_batch_then_the_rule(name, gaussian):
+    """``diagonal_warmup = 0.5``: before half-way the loss is the diagonal term of every row (the
+    method's diagonal target, no rule or auxiliary term); from half-way the method's own terms."""
+    method = build_method(name, gaussian.schedule, teacher=teacher_for(name, gaussian), diagonal_warmup=0.5)
+    model = exact_model(gaussian, "sign_flipped")
+    batch = Batch(gaussian.sample(64, torch.Generator().manual_seed(1)).double())
+    early_ctx, late_ctx = (context_for(method, 2, LossContext(step, 10)) for step in (4, 5))
+    early = method.loss(model, batch, torch.Generator().manual_seed(2), early_ctx)
+    assert set(early.terms) == {"diagonal"} and early.auxiliary_loss is None, (name, early.terms)
+    draw = method.draw(batch, torch.Generator().manual_seed(2), early_ctx)
+    assert draw.n_diag == 64
+    assert torch.allclose(early.loss, method.diagonal_loss(model, draw).mean())
+    late = method.loss(model, batch, torch.Generator().manual_seed(2), late_ctx)
+    assert set(late.terms) - {"diagonal"}, (name, late.terms)

@@ -141,10 +141,14 @@ def test_labels_to_an_unconditional_model_and_inputs_of_the_wrong_shape_are_refu
 
 @pytest.mark.parametrize("name", backbone_names())
 def test_labels_out_of_range_are_refused_and_the_null_class_is_the_unconditional_model(name):
-    model = conditional(name)
+    """In eval mode the bare backbone checks the labels' range; in training mode (no per-call device
+    synchronisation) ``FlowMap`` checks them at the user-facing call."""
+    model = conditional(name).eval()
     x, s, t, _ = inputs(name)
     with pytest.raises(ValueError, match="out of range"):
         model(x, s, t, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match="out of range"):
+        FlowMap(conditional(name).train(), num_classes=3)(x, s, t, torch.tensor([0, 1, 3, 0]))
     null = torch.full((4,), -1)
     assert torch.allclose(model(x, s, t, None), model(x, s, t, null))
     mixed = torch.tensor([-1, 0, -1, 2])

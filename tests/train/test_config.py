@@ -35,6 +35,14 @@ def test_defaults_are_valid():
         ({"guard": {"max_strikes": 0}}, "guard.max_strikes must be positive"),
         ({"distributed": {"backend": "mpi"}}, "distributed.backend must be one of"),
         ({"distributed": {"check_steps": -1}}, "distributed.check_steps must be non-negative"),
+        ({"guidance": {"teacher_scale": -1.0}, "teacher": "exact", "model": {"num_classes": 2}},
+         "guidance.teacher_scale must be non-negative"),
+        ({"guidance": {"teacher_scale": float("nan")}}, "guidance.teacher_scale must be a finite non-negative number"),
+        ({"guidance": {"teacher_scale": 2.0}, "model": {"num_classes": 2}}, "guide a distillation teacher"),
+        ({"guidance": {"weak_teacher": "runs/weak"}, "model": {"num_classes": 2}}, "guide a distillation teacher"),
+        ({"guidance": {"teacher_scale": 2.0}, "teacher": "exact"}, "guidance needs a class-conditional model"),
+        ({"guidance": {"weak_teacher": 3}, "teacher": "exact"}, "guidance.weak_teacher must be of type str"),
+        ({"method": {"name": "lsd", "diagonal_warmup": 1.0}}, "diagonal_warmup of method .lsd. must lie in"),
     ],
 )
 def test_bad_values_name_the_key(values, msg):

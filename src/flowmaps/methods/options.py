@@ -64,6 +64,8 @@ class DiagonalSplitOptions(Options):
 
     diagonal_fraction: float = option(0.75, "share of the batch on the diagonal s = t (Boffi et al. 2025: 0.75)",
                                       within="[0, 1]")
+    diagonal_warmup: float = option(0.0, "fraction of training on the diagonal alone: flow matching first, at its "
+                                         "cost, then the rule (0: off)", within="[0, 1)")
 
 
 @dataclass

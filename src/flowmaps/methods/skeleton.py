@@ -11,6 +11,8 @@
    ``diagonal_target`` (the conditional velocity, the batch's empirical velocity, or the teacher's);
 4. ``pair_loss``: the method's own rule on the pair rows, each residual turned into per-example
    losses by the options' ``LossWeighting`` (penalty, adaptive weight, time weight);
+   (guided at each row's scale when the condition carries one: ``guided_velocity``, which the
+   methods that use the conditional velocity ``u`` in their rule call too);
 5. every auxiliary term (grid distillation when ``grid_fraction > 0``; later guidance and reward
    terms), each on rows of its own;
 6. ``LossTerms`` sums the per-example losses over the batch into ``LossOutput``.
@@ -28,13 +30,15 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from flowmaps.conditions import Condition, labels_of, scale_of, with_labels
 from flowmaps.methods.base import AuxiliaryNetwork, Batch, LossContext, LossOutput, Method, mean_square
 from flowmaps.methods.draw import AuxiliaryTerm, Draw, progress
 from flowmaps.methods.grid_distillation import GridDistillation
 from flowmaps.methods.options import (
-    DiagonalTargetOptions, GridOptions, JVPOptions, Options, TargetOptions, WeightingOptions, pair_sampler,
+    DiagonalSplitOptions, DiagonalTargetOptions, GridOptions, JVPOptions, Options, TargetOptions, WeightingOptions, pair_sampler,
 )
 from flowmaps.methods.targets import TargetNetwork
+from flowmaps.nets.embeddings import NULL_CLASS
 from flowmaps.posterior_targets import diagonal_velocity_target
 from flowmaps.schedules import Schedule
 from flowmaps.weighting import LossTerms, LossWeighting, row_norm, squared_norm
@@ -81,6 +85,7 @@ class SkeletonMethod(Method):
         self.weighting = o.loss_weighting() if isinstance(o, WeightingOptions) else LossWeighting()
         self.target = self.make_target(o)
         self.diagonal_target = o.diagonal_target if isinstance(o, DiagonalTargetOptions) else "conditional"
+        self.diagonal_warmup = o.diagonal_warmup if isinstance(o, DiagonalSplitOptions) else 0.0
         if self.diagonal_target == "teacher" and teacher is None:
             raise ValueError(f"diagonal_target 'teacher' of method {self.name!r} needs a teacher (--teacher)")
         self.auxiliary_terms: list[AuxiliaryTerm] = self.make_auxiliary_terms(o)
@@ -126,7 +131,7 @@ class SkeletonMethod(Method):
         x0 = batch.x0
         size, p = x0.shape[0], progress(ctx)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        n_diag, _ = self.pairs.split(size)
+        n_diag = size if p < self.diagonal_warmup else self.pairs.split(size)[0]
         t_diag = self.pairs.times(n_diag, generator, x0.device).to(x0.dtype)
         pair = batch.take(slice(n_diag, None))
         s, t = (v.to(x0.dtype) for v in self.pair_times(pair, generator, ctx, p))
@@ -143,22 +148,40 @@ class SkeletonMethod(Method):
         return dataclasses.replace(draw, pair=draw.batch, s=s, t=t, eps=eps, x_s=schedule.sample_xt(draw.batch.x0, eps, s))
 
     # ----- the diagonal ------------------------------------------------------------------------
-    def diagonal_velocity(self, x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                          cond: Optional[torch.Tensor], references: Batch) -> torch.Tensor:
+    def diagonal_velocity(self, model: nn.Module, x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                          t: torch.Tensor, cond: Condition, references: Batch) -> torch.Tensor:
         """The velocity the diagonal ``V(x_t, t, t)`` regresses on: the teacher's, the conditional one,
-        or the empirical velocity of ``references`` (the whole batch)."""
+        or the empirical velocity of ``references`` (the whole batch); guided at each row's scale when
+        ``cond`` carries one (``guided_velocity``; a guided teacher reads the scales itself)."""
         if self.diagonal_target == "teacher":
             with torch.no_grad():
                 return self.teacher.velocity(x_t, t, cond)
-        return diagonal_velocity_target(self.diagonal_target, self.schedule, x0, eps, t, cond,
-                                        references.x0, references.cond)
+        estimate = diagonal_velocity_target(self.diagonal_target, self.schedule, x0, eps, t, labels_of(cond),
+                                            references.x0, labels_of(references.cond))
+        return self.guided_velocity(model, x_t, t, cond, estimate)
+
+    def guided_velocity(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Condition,
+                        estimate: torch.Tensor) -> torch.Tensor:
+        """The guided velocity target of a guidance-conditioned student (spec §7; the MeanFlow/iMF recipe):
+        ``v_w = w u + (1 - w) sg[V(x_t, t, t, None, w)]`` on the labelled rows, with ``u`` the estimate of
+        the conditional velocity and the model's own unconditional diagonal under stop-gradient;
+        ``estimate`` unchanged on the rows without a label and when ``cond`` carries no scale."""
+        w = scale_of(cond)
+        if w is None:
+            return estimate
+        labels = labels_of(cond)
+        with torch.no_grad():
+            unconditional = model(x_t, t, t, with_labels(cond, torch.full_like(labels, NULL_CLASS)), output="V",
+                                  check_times=False)
+        w = torch.where(labels == NULL_CLASS, torch.ones_like(w), w).to(estimate.dtype)
+        return unconditional + w.reshape(-1, *([1] * (x_t.dim() - 1))) * (estimate - unconditional)
 
     def diagonal_loss(self, model: nn.Module, draw: Draw) -> torch.Tensor:
         """Per-example ``|V(x_t, t, t) - target|^2`` on the diagonal rows (``reduction`` of the method)."""
         d, t = draw.diag, draw.t_diag
         x_t = self.schedule.sample_xt(d.x0, draw.eps_diag, t)
         v = model(x_t, t, t, d.cond, output="V", check_times=False)
-        target = self.diagonal_velocity(x_t, d.x0, draw.eps_diag, t, d.cond, draw.batch)
+        target = self.diagonal_velocity(model, x_t, d.x0, draw.eps_diag, t, d.cond, draw.batch)
         return squared_norm(v - target, self.weighting.reduction)
 
     # ----- the rule ----------------------------------------------------------------------------
@@ -174,6 +197,9 @@ class SkeletonMethod(Method):
         self.target.update(model, self.target_decay(ctx))
         draw = self.draw(batch, generator, ctx)
         terms = LossTerms(draw.size)
+        if draw.progress < self.diagonal_warmup:  # the whole batch on the diagonal, no rule yet
+            terms.add("diagonal", self.diagonal_loss(model, draw))
+            return LossOutput(*terms.result(), auxiliary_loss=terms.auxiliary)
         if self.joint_rows:
             self.pair_loss(model, self.joined(draw, self.schedule), terms, ctx)
         else:

@@ -7,9 +7,12 @@ JVP tangent through itself in closed form (``MLP.forward_with_tangent``).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
+
+from flowmaps.conditions import Condition, labels_of, scale_of
 
 
 class FourierTimeEmbedding(nn.Module):
@@ -78,13 +81,40 @@ class FourierInputFeatures(nn.Module):
 NULL_CLASS = -1  # the label of "no class": classifier-free training drops labels to it
 
 
+class GuidanceEmbedding(nn.Module):
+    """An embedding of the guidance scale ``w >= 0`` (spec §7): Fourier features of the bounded
+    coordinate ``c = w / (2 (1 + w))`` in ``[0, 1/2)``, at frequencies 1 and 2 (periods no shorter
+    than the range, so no two scales share features), through a two-layer MLP whose last layer starts
+    at zero: a network that gains this input starts as the network without it. Float32 (or float64)
+    even under autocast, as the time embeddings are."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.features = FourierTimeEmbedding(num_freqs=2, max_freq=2.0)
+        self.mlp = nn.Sequential(nn.Linear(self.features.dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        dtype = self.mlp[0].weight.dtype
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            w = w.to(dtype)
+            return self.mlp(self.features(w / (2 * (1 + w))))
+
+
 class ClassEmbedding(nn.Module):
-    """A learned embedding of ``num_classes`` classes plus the null class (spec §7).
+    """A learned embedding of ``num_classes`` classes plus the null class (spec §7), and optionally of
+    the guidance scale (``enable_guidance``: ``F(x, s, t, c, w)``).
 
     ``cond`` is a ``[B]`` integer tensor of labels in ``[0, num_classes)``, where ``NULL_CLASS`` (-1)
-    marks a row without a label; ``cond=None`` is the null class for every row (the unconditional
-    model, the same network). Labels out of range, a floating ``cond`` or a ``cond`` whose length is
-    not the batch's are ``ValueError`` s naming the value.
+    marks a row without a label, or a ``flowmaps.conditions.Guided`` pair of labels and guidance
+    scales; ``cond=None`` is the null class for every row (the unconditional model, the same network).
+    A guidance-conditioned embedding adds ``GuidanceEmbedding(w)`` (``w = 1``, the conditional model,
+    when ``cond`` carries no scale). A floating ``cond``, a ``cond`` whose length is not the batch's
+    and, in eval mode, a label out of range or a scale other than 1 given to an embedding without
+    the guidance input are ``ValueError`` s naming the value. In training mode those checks (a device
+    synchronisation on every call) are not made here: the trainer checks the data once, and
+    ``FlowMap.forward`` checks every user-facing call (``check_times``).
     """
 
     def __init__(self, num_classes: int, dim: int):
@@ -93,22 +123,78 @@ class ClassEmbedding(nn.Module):
             raise ValueError(f"ClassEmbedding needs num_classes >= 1 and dim >= 1; got {num_classes}, {dim}")
         self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, dim)  # the last row is the null class
+        self.guidance: Optional[GuidanceEmbedding] = None
 
-    def forward(self, cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        if cond is None:
+    def enable_guidance(self) -> None:
+        """Give the embedding the guidance-scale input (its branch starts at zero)."""
+        self.guidance = GuidanceEmbedding(self.table.embedding_dim).to(self.table.weight.device)
+
+    def forward(self, cond: Condition, batch: int, device: torch.device) -> torch.Tensor:
+        labels, scale = labels_of(cond), scale_of(cond)
+        if labels is None:
             index = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         else:
-            check_labels(cond, batch, self.num_classes)
-            index = torch.where(cond == NULL_CLASS, self.num_classes, cond.long())
-        return self.table(index)
+            check_labels(labels, batch)
+            if not self.training:
+                check_label_range(labels, self.num_classes)
+                check_guidance_input(scale, self.guidance is not None)
+            index = torch.where(labels == NULL_CLASS, self.num_classes, labels.long())
+        emb = self.table(index)
+        if self.guidance is None:
+            return emb
+        w = torch.ones(batch, device=device) if scale is None else scale
+        return emb + self.guidance(w).to(emb.dtype)
 
 
-def check_labels(cond: torch.Tensor, batch: int, num_classes: int) -> None:
-    """``cond`` must be a ``[batch]`` integer tensor of labels in ``[0, num_classes)`` or ``NULL_CLASS``."""
+def check_guidance_input(scale: Optional[torch.Tensor], takes_guidance: bool,
+                         trained: Optional[tuple[float, float]] = None) -> None:
+    """Guidance scales must be finite and ``>= 0``; a network without the guidance input takes only
+    ``w = 1``; a network trained on ``trained = (low, high)`` takes scales in that range (one device
+    synchronisation)."""
+    if scale is None or not scale.numel() or torch.compiler.is_compiling():
+        return
+    low, high = float(scale.min()), float(scale.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+        raise ValueError(f"guidance scale w must be finite and >= 0; got values in [{low}, {high}]")
+    if not takes_guidance and (low != 1.0 or high != 1.0):
+        raise ValueError(f"this model has no guidance input (model.guidance = false), so it takes only w = 1; got "
+                         f"w in [{low}, {high}]. Train with model.guidance=true and train.guidance_range=[LOW, HIGH]")
+    if trained is not None and (low < trained[0] - 1e-6 or high > trained[1] + 1e-6):
+        raise ValueError(f"guidance scale w in [{low}, {high}] is outside the range this model was trained on "
+                         f"(train.guidance_range = [{trained[0]}, {trained[1]}])")
+
+
+def enable_guidance(net: nn.Module) -> None:
+    """Give ``net``'s class embedding the guidance-scale input (``model.guidance``); a network
+    without a ``ClassEmbedding`` (an unconditional one) cannot take a scale."""
+    embeddings = [m for m in net.modules() if isinstance(m, ClassEmbedding)]
+    if not embeddings:
+        raise ValueError(f"{type(net).__name__} has no class embedding to carry a guidance scale: model.guidance "
+                         "needs a class-conditional model (model.num_classes > 0)")
+    for m in embeddings:
+        m.enable_guidance()
+
+
+def takes_guidance(net: nn.Module) -> bool:
+    """Whether ``net`` has the guidance-scale input."""
+    return any(isinstance(m, ClassEmbedding) and m.guidance is not None for m in net.modules())
+
+
+def classes_of(net: nn.Module) -> int:
+    """The number of classes of ``net``'s ``ClassEmbedding`` (0: it has none, an unconditional network)."""
+    return next((m.num_classes for m in net.modules() if isinstance(m, ClassEmbedding)), 0)
+
+
+def check_labels(cond: torch.Tensor, batch: int) -> None:
+    """``cond`` must be a ``[batch]`` integer tensor (no device synchronisation)."""
     if cond.dtype.is_floating_point or cond.dtype.is_complex or cond.dtype == torch.bool:
         raise ValueError(f"cond must be a [B] tensor of integer class labels; got dtype {cond.dtype}")
     if cond.shape != (batch,):
         raise ValueError(f"cond must have shape [B] = [{batch}]; got {tuple(cond.shape)}")
+
+
+def check_label_range(cond: torch.Tensor, num_classes: int) -> None:
+    """Every label of ``cond`` lies in ``[0, num_classes)`` or is ``NULL_CLASS`` (one device synchronisation)."""
     if cond.numel() and not torch.compiler.is_compiling():
         low, high = int(cond.min()), int(cond.max())
         if low < NULL_CLASS or high >= num_classes:

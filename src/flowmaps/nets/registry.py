@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
+from flowmaps.nets.embeddings import enable_guidance
 from flowmaps.options import Options
 from flowmaps.train.config import ModelConfig
 
@@ -85,9 +86,14 @@ def resolve_backbone_options(name: str, values: dict[str, Any]) -> BackboneOptio
 
 
 def build_backbone(model: ModelConfig, shape: tuple[int, ...]) -> nn.Module:
-    """The network of ``model.backbone`` for samples of shape ``shape`` and ``model.num_classes`` classes."""
+    """The network of ``model.backbone`` for samples of shape ``shape`` and ``model.num_classes`` classes;
+    with ``model.guidance`` its class embedding also takes the guidance scale (every backbone that
+    embeds classes with ``ClassEmbedding`` gets it)."""
     entry = backbone_entry(model.backbone)
-    return entry.build(resolve_backbone_options(model.backbone, model.options), tuple(shape), model.num_classes)
+    net = entry.build(resolve_backbone_options(model.backbone, model.options), tuple(shape), model.num_classes)
+    if model.guidance:
+        enable_guidance(net)
+    return net
 
 
 __all__ = ["BackboneBuilder", "BackboneEntry", "BackboneOptions", "register_backbone", "backbone_names",

@@ -44,12 +44,19 @@ class ExactTeacher:
         self.mixture = mixture
         self.rtol, self.atol = rtol, atol
 
+    @property
+    def num_classes(self) -> int:
+        return self.mixture.num_classes
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.mixture.velocity(x.reshape(x.shape[0], -1), t, cond).reshape(x.shape)
 
-    def flow_map(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None):
+    def flow_map(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                 guidance: Optional[float] = None):
+        """``F(x, s, t)``; with ``guidance`` ``w`` the guided map ``F_w`` (spec §7)."""
         flat = x.reshape(x.shape[0], -1)
-        return self.mixture.flow_map(flat, s, t, cond, rtol=self.rtol, atol=self.atol).reshape(x.shape)
+        return self.mixture.flow_map(flat, s, t, cond, rtol=self.rtol, atol=self.atol,
+                                     guidance=guidance).reshape(x.shape)
 
 
 class FlowMapTeacher:
@@ -57,6 +64,10 @@ class FlowMapTeacher:
 
     def __init__(self, model: FlowMap):
         self.model = model.eval().requires_grad_(False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.model(x, t, t, cond, output="V", check_times=False)

@@ -7,7 +7,7 @@ the key (``optim.lr``, ``train.steps``, ...). This module is a leaf (it imports 
 and ``flowmaps.build.load_config``, which every entry point uses.
 
 Sections: ``data``, ``model``, ``method``, ``optim``, ``train``, ``checkpoint``, ``guard``,
-``distributed``, ``eval`` and ``teacher``; ``docs/training.md`` explains the training-side keys.
+``distributed``, ``eval``, ``guidance`` and ``teacher``; ``docs/training.md`` explains the training-side keys.
 
 Files and ``--set`` values are parsed strictly (``parse_yaml``, also used for mixture specs): a file
 larger than ``FILE_LIMIT`` bytes is refused before it is read, a YAML mapping may not repeat a key
@@ -120,9 +120,11 @@ class ModelConfig:
     backbone: str = "mlp"  # a registered backbone (flowmaps.nets.registry; `flowmaps backbones`)
     num_classes: int = 0  # 0: unconditional; K: class-conditional on labels 0..K-1 (and a null class)
     options: dict[str, Any] = field(default_factory=dict)
+    guidance: bool = False  # the guidance scale w as an input, F(x, s, t, c, w) (train.guidance_range draws it)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backbone": self.backbone, "num_classes": self.num_classes, **self.options}
+        extra = {"guidance": True} if self.guidance else {}  # absent when off: older runs' records stay equal
+        return {"backbone": self.backbone, "num_classes": self.num_classes, **extra, **self.options}
 
 
 @dataclass
@@ -151,6 +153,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (checked against eager JVP tangents at start)
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (pip install 'flowmaps[tensorboard]')
     label_dropout: float = 0.1  # share of labels dropped to the null class (classifier-free training; model.num_classes > 0)
+    guidance_range: Optional[list[float]] = None  # [low, high]: a guidance scale w per example, uniform (model.guidance)
+    init_from: Optional[str] = None  # a finished run whose EMA weights start a fresh run (flowmaps.train.initialization)
 
 
 @dataclass
@@ -177,6 +181,14 @@ class DistributedConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    """Guidance of a distillation teacher (spec §7; ``flowmaps.teachers.guidance``)."""
+
+    teacher_scale: float = 1.0  # w of the teacher's classifier-free guidance (1: the conditional teacher, 0: unconditional)
+    weak_teacher: Optional[str] = None  # autoguidance: a weaker run of the same condition replaces the unconditional
+
+
+@dataclass
 class EvalConfig:
     n_samples: int = 16384
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -196,6 +208,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     teacher: Optional[str] = None  # "exact" (mixture data) or a trained run directory
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,13 +229,16 @@ _CHOICES = {
 _POSITIVE = {"optim.lr", "train.steps",
              "train.batch_size", "train.log_every", "eval.n_samples", "eval.ode_steps", "eval.grid_rho",
              "train.grad_accum", "checkpoint.keep_last", "guard.max_strikes", "guard.spike_window"}
-_NON_NEGATIVE = {"model.num_classes", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
+_NON_NEGATIVE = {"model.num_classes", "guidance.teacher_scale", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "train.seed",
                  "checkpoint.every", "guard.max_rollbacks", "distributed.check_steps"}
 _UNIT = {"optim.beta1", "optim.beta2", "optim.ema_decay", "train.label_dropout"}
-_SECTIONS = ("data", "optim", "train", "checkpoint", "guard", "distributed", "eval")
+_SECTIONS = ("data", "optim", "train", "checkpoint", "guard", "distributed", "eval", "guidance")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if get_origin(typ) is Union:  # Optional[X]
+        (inner,) = [a for a in get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(key, value, inner)
     if get_origin(typ) is list:
         if not isinstance(value, (list, tuple)) or not value:
             raise ConfigError(f"{key} must be a non-empty list; got {value!r}")
@@ -278,6 +294,29 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("method.name must be given as a string (see `flowmaps methods`)")
     if cfg.teacher is not None and not isinstance(cfg.teacher, str):
         raise ConfigError(f"teacher must be 'exact' or a run directory; got {cfg.teacher!r}")
+    guided = cfg.guidance.teacher_scale != 1.0 or cfg.guidance.weak_teacher is not None
+    if guided and cfg.teacher is None:
+        raise ConfigError("guidance.teacher_scale / guidance.weak_teacher guide a distillation teacher; give one "
+                          "with --teacher (exact or a run directory)")
+    _validate_guidance_range(cfg)
+    if guided and cfg.model.num_classes == 0:
+        raise ConfigError("guidance needs a class-conditional model (model.num_classes > 0) and labelled data: "
+                          "it mixes the teacher's conditional and unconditional velocities")
+
+
+def _validate_guidance_range(cfg: Config) -> None:
+    """``train.guidance_range`` and ``model.guidance`` come together, on a class-conditional model."""
+    scales = cfg.train.guidance_range
+    if scales is not None and (len(scales) != 2 or not 0 <= scales[0] <= scales[1]):
+        raise ConfigError(f"train.guidance_range must be [low, high] with 0 <= low <= high; got {scales}")
+    if (scales is not None) != cfg.model.guidance:
+        raise ConfigError("model.guidance (the scale w as a network input) and train.guidance_range (the scales "
+                          "it is trained on) must be given together")
+    if cfg.model.guidance and cfg.model.num_classes == 0:
+        raise ConfigError("model.guidance needs a class-conditional model (model.num_classes > 0)")
+    if scales is not None and cfg.guidance.teacher_scale != 1.0:
+        raise ConfigError("guidance.teacher_scale is for a fixed-scale teacher; with train.guidance_range every "
+                          "example's own scale guides the teacher")
 
 
 def _model_section(values: Any) -> ModelConfig:
@@ -286,7 +325,7 @@ def _model_section(values: Any) -> ModelConfig:
         values = {"backbone": values}  # model: unet
     if not isinstance(values, dict):
         raise ConfigError(f"section 'model' must be a mapping or a backbone name; got {values!r}")
-    options = {k: v for k, v in values.items() if k not in ("backbone", "num_classes")}
+    options = {k: v for k, v in values.items() if k not in ("backbone", "num_classes", "guidance")}
     if any(not isinstance(k, str) for k in options):
         raise ConfigError(f"model option names must be strings; got {sorted(map(repr, options))}")
     backbone = values.get("backbone", "mlp")
@@ -295,7 +334,8 @@ def _model_section(values: Any) -> ModelConfig:
     num_classes = _coerce("model.num_classes", values.get("num_classes", 0), int)
     if num_classes < 0:
         raise ConfigError(f"model.num_classes must be non-negative (0: unconditional); got {num_classes}")
-    return ModelConfig(backbone, num_classes, options)
+    guidance = _coerce("model.guidance", values.get("guidance", False), bool)
+    return ModelConfig(backbone, num_classes, options, guidance)
 
 
 def parse_config(values: dict[str, Any]) -> Config:

@@ -32,13 +32,14 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from flowmaps.build import resolve_device
+from flowmaps.conditions import Guided
 from flowmaps.data import DataSource
 from flowmaps.methods import Batch
 from flowmaps.nets import NULL_CLASS
@@ -220,6 +221,7 @@ class ShardedBatches:
         seed: int,
         labels: bool = False,
         label_dropout: float = 0.0,
+        guidance_range: Optional[Sequence[float]] = None,
     ):
         self.num_shards = ctx.world_size * grad_accum
         if global_batch % self.num_shards != 0:
@@ -229,6 +231,7 @@ class ShardedBatches:
             )
         self.data = data
         self.labels, self.label_dropout = labels, label_dropout
+        self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
         self.global_batch = global_batch
         self.shard_size = global_batch // self.num_shards
         self.shards = range(ctx.rank * grad_accum, (ctx.rank + 1) * grad_accum)
@@ -246,7 +249,9 @@ class ShardedBatches:
 
     def _conditioned(self, batch: Batch, generator: torch.Generator) -> Batch:
         """The labels a conditional model trains on: each dropped to ``NULL_CLASS`` with probability
-        ``label_dropout`` (classifier-free training, spec §7); none for an unconditional model."""
+        ``label_dropout`` (classifier-free training, spec §7); none for an unconditional model. With
+        ``guidance_range = (low, high)`` every row also gets a guidance scale ``w ~ U[low, high]``
+        (``flowmaps.conditions.Guided``: a guidance-conditioned student)."""
         if not self.labels:
             return Batch(batch.x0)
         if batch.cond is None:
@@ -255,6 +260,10 @@ class ShardedBatches:
         if self.label_dropout > 0:
             drop = torch.rand(cond.shape, generator=generator, device=generator.device) < self.label_dropout
             cond = torch.where(drop.to(cond.device), torch.full_like(cond, NULL_CLASS), cond)
+        if self.guidance_range is not None:
+            low, high = self.guidance_range
+            w = low + (high - low) * torch.rand(cond.shape, generator=generator, device=generator.device)
+            return Batch(batch.x0, Guided(cond, w.to(batch.x0.device)))
         return Batch(batch.x0, cond)
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ before training starts, so final weights exist only beside the status and config
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,8 +41,8 @@ from flowmaps.evaluation import evaluate, metrics_table
 from flowmaps.methods import LossContext, LossOutput, build_method
 from flowmaps.plots import plot_panels
 from flowmaps.report import write_report
-from flowmaps.schedules import get_schedule
-from flowmaps.teachers import load_teacher
+from flowmaps.schedules import Schedule, get_schedule
+from flowmaps.teachers import GuidedTeacher, Teacher, load_teacher
 from flowmaps.train.auxiliary import AuxiliaryNetworks
 from flowmaps.train.checkpoint import (
     STATE_FILE, Checkpoint, CheckpointError, CheckpointStore, LoadedCheckpoint, capture_rng, restore_rng,
@@ -51,6 +52,7 @@ from flowmaps.train.config import Config, ConfigError, config_text
 from flowmaps.train.distributed import DistributedContext, ShardedBatches, StopRequest, check_gradient_sync
 from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceError, DivergenceGuard, diagnose, summarize
+from flowmaps.train.initialization import initialize_from
 from flowmaps.train.lock import RunLock
 from flowmaps.train.precision import compile_model, grad_scaler, with_precision
 from flowmaps.train.rundir import (
@@ -65,7 +67,7 @@ logger = logging.getLogger("flowmaps.train")
 # what a checkpoint's state.pt must hold for the trainer to restore it (``auxiliary`` is optional: older runs)
 _STATE_KEYS = {"step": int, "optimizer": dict, "scaler": dict, "ema_updates": int, "data": dict, "guard": dict,
                "method": dict, "rng": list, "generators": dict}
-_RESUME_CHECKED = ("data", "method", "teacher", "model", "shape", "num_classes")  # what a resumed run must share with its checkpoint
+_RESUME_CHECKED = ("data", "method", "teacher", "guidance", "model", "shape", "num_classes")  # what a resumed run must share with its checkpoint
 
 
 @dataclass
@@ -185,7 +187,7 @@ class Trainer:
         check_classes(cfg, self.data)
         options = {k: v for k, v in cfg.method.items() if k != "name"}
         schedule = get_schedule(cfg.train.schedule)
-        teacher = load_teacher(cfg.teacher, self.data, device, schedule) if cfg.teacher is not None else None
+        teacher = self._teacher(device, schedule)
         self.method = build_method(cfg.method["name"], schedule, teacher=teacher, **options)
         self.model = build_model(cfg, self.data.shape).to(device)  # the plain FlowMap: saved, EMA'd, replayed
         self.model.sampler = self.method.sampler
@@ -200,7 +202,8 @@ class Trainer:
             network = compile_model(network, self.data.shape, device, getattr(self.method, "jvp_backend", "auto"), rtol)
         self.train_model = dist_ctx.wrap(network)  # what the method calls
         self.batches = ShardedBatches(self.data, cfg.train.batch_size, cfg.train.grad_accum, dist_ctx, cfg.train.seed,
-                                      labels=cfg.model.num_classes > 0, label_dropout=cfg.train.label_dropout)
+                                      labels=cfg.model.num_classes > 0, label_dropout=cfg.train.label_dropout,
+                                      guidance_range=cfg.train.guidance_range)
         self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
         self.guard = DivergenceGuard(cfg.guard)
         self.log = RunLog(self.out_dir / LOG_FILE, dist_ctx.is_main)
@@ -214,8 +217,22 @@ class Trainer:
         self.status: Optional[RunStatus] = None  # rank 0's status.json, once the run has started
         self.partially_restored = False  # a checkpoint passed its checks but failed half-way through restoring
         self.described = json_safe({"data": data_fingerprint(cfg.data.name), "method": cfg.method,
-                                    "teacher": cfg.teacher, "model": cfg.model.to_dict(),
+                                    "teacher": cfg.teacher, "guidance": dataclasses.asdict(cfg.guidance),
+                                    "model": cfg.model.to_dict(),
                                     "shape": list(self.data.shape), "num_classes": self.data.num_classes})
+
+    def _teacher(self, device: torch.device, schedule: Schedule) -> Optional[Teacher]:
+        """The distillation teacher (``--teacher``), guided when the ``guidance`` section says so or when
+        the student takes a guidance scale (each row's own, ``train.guidance_range``)."""
+        cfg = self.cfg
+        if cfg.teacher is None:
+            return None
+        teacher = load_teacher(cfg.teacher, self.data, device, schedule)
+        g = cfg.guidance
+        if g.teacher_scale == 1.0 and g.weak_teacher is None and cfg.train.guidance_range is None:
+            return teacher  # a guidance-conditioned student's scales guide the teacher row by row
+        weak = None if g.weak_teacher is None else load_teacher(g.weak_teacher, self.data, device, schedule)
+        return GuidedTeacher(teacher, g.teacher_scale, weak)
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -247,7 +264,7 @@ class Trainer:
                 self.identity = RunIdentity(run_id or self.identity.run_id, self.identity.config_hash)
                 self._info(f"resuming from {loaded.checkpoint.path} ({self.step} steps done)")
         if loaded is None:
-            self.method.initialize(self.model)
+            self._initialize()
             self.ema = EMA(self.model, self.cfg.optim.ema_decay)
         self.first_step = self.step
         if self.dist.is_main:
@@ -256,6 +273,15 @@ class Trainer:
         if self.cfg.train.tensorboard and self.dist.is_main:
             self.tensorboard = TensorBoardLog(self.out_dir)
         return True
+
+    def _initialize(self) -> None:
+        """A fresh run's weights: ``train.init_from``'s EMA weights, else the method's own initialisation."""
+        spec = self.cfg.train.init_from
+        if spec is None:
+            self.method.initialize(self.model)
+            return
+        source = initialize_from(spec, self.model, self.data.shape, self.cfg.model.num_classes, self.dist.device)
+        self._info(f"initialised from {spec} ({source.provenance['weights']}, run {source.provenance['run_id']})")
 
     def _already_finished(self, previous: RunStatus) -> bool:
         """``status.json`` says finished under the ``config.yaml`` beside it, which asks for nothing this

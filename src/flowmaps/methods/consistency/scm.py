@@ -57,7 +57,7 @@ class ContinuousConsistency(ToData):
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         x_s, s, cond, o = draw.x_s, draw.s, draw.pair.cond, self.options
-        u = self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s)
+        u = self.guided_velocity(model, x_s, s, cond, self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s))
         v_avg, d_v = flow_jvp(model, x_s, s, draw.t, cond, dx=u, ds=1.0, output="V", backend=self.jvp_backend,
                               grad="primal")
         s_ = expand_like(s, x_s)

@@ -54,7 +54,7 @@ class ImprovedMeanFlow(SkeletonMethod):
         avg, derivative = flow_jvp(model, x_s, s, t, cond, dx=v, ds=1.0, output="V", backend=self.jvp_backend,
                                    grad="primal")
         velocity = avg - expand_like(t - s, avg) * derivative
-        u = self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s)
+        u = self.guided_velocity(model, x_s, s, cond, self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s))
         per_example = self.weighting(velocity - u, s, t)
         terms.add("diagonal", per_example[:draw.n_diag])
         terms.add("imf", per_example[draw.n_diag:])

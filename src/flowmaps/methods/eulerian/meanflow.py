@@ -60,7 +60,8 @@ class MeanFlow(SkeletonMethod):
 
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:
         s, t = draw.s, draw.t
-        u = self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s)
+        u = self.guided_velocity(model, draw.x_s, s, draw.pair.cond,
+                                 self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s))
         avg, derivative = flow_jvp(model, draw.x_s, s, t, draw.pair.cond, dx=u, ds=1.0, output="V",
                                    backend=self.jvp_backend, grad="primal")
         target = u + expand_like(t - s, u) * derivative

@@ -66,7 +66,7 @@ class SoFlow(SkeletonMethod):
         r = self.step_fraction(draw.progress)
         s_next = s + r * (t - s)
         if self.options.velocity == "conditional":
-            u = self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s)
+            u = self.guided_velocity(model, x_s, s, cond, self.schedule.conditional_velocity(draw.pair.x0, draw.eps, s))
         else:
             u = self.target(model, ctx, x_s, s, s, cond, output="V")
         target = self.target(model, ctx, x_s + expand_like(s_next - s, x_s) * u, s_next, t, cond)

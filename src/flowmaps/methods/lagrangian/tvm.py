@@ -56,5 +56,5 @@ class TVM(SkeletonMethod):
         t_fm = self.pairs.times(draw.size, draw.generator, x0.device).to(x0.dtype)
         x_t = self.schedule.sample_xt(x0, draw.eps, t_fm)
         v = model(x_t, t_fm, t_fm, cond, output="V", check_times=False)
-        target = self.diagonal_velocity(x_t, x0, draw.eps, t_fm, cond, draw.batch)
+        target = self.diagonal_velocity(model, x_t, x0, draw.eps, t_fm, cond, draw.batch)
         terms.add("diagonal", squared_norm(v - target, self.weighting.reduction))

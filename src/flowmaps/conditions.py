@@ -1,0 +1,66 @@
+"""Conditions that carry a guidance scale: ``F(x, s, t, c, w)`` (spec §7).
+
+A condition ``cond`` is ``None`` (unconditional), a ``[B]`` integer tensor of class labels (-1: the
+null class), or a ``Guided`` pair of labels and per-row guidance scales ``w`` (diffusers'
+``guidance_scale``: ``w = 1`` conditional, ``w = 0`` unconditional), which a guidance-conditioned
+student takes as an input (``model.guidance``; Meng et al. 2023, "On distillation of guided
+diffusion models"; the iMF/TVM recipe). Methods pass ``cond`` through untouched; only the
+embeddings, the targets and the teachers look inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Guided:
+    """Class labels ``[B]`` and guidance scales ``[B]`` of the same rows."""
+
+    labels: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.labels.dim() != 1 or self.scale.shape != self.labels.shape:
+            raise ValueError(f"a guided condition needs labels [B] and scales [B]; got {tuple(self.labels.shape)} "
+                             f"and {tuple(self.scale.shape)}")
+
+    def __getitem__(self, index: Union[slice, torch.Tensor]) -> Guided:
+        return Guided(self.labels[index], self.scale[index])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.labels.shape
+
+    def to(self, device: Union[str, torch.device]) -> Guided:
+        return Guided(self.labels.to(device), self.scale.to(device))
+
+
+Condition = Optional[Union[torch.Tensor, Guided]]
+
+
+def labels_of(cond: Condition) -> Optional[torch.Tensor]:
+    """The class labels of ``cond`` (``None`` for an unconditional call)."""
+    return cond.labels if isinstance(cond, Guided) else cond
+
+
+def scale_of(cond: Condition) -> Optional[torch.Tensor]:
+    """The guidance scales of ``cond`` (``None``: no scale given, the conditional model ``w = 1``)."""
+    return cond.scale if isinstance(cond, Guided) else None
+
+
+def with_labels(cond: Condition, labels: Optional[torch.Tensor]) -> Condition:
+    """``cond`` with its labels replaced by ``labels`` (its scales kept)."""
+    return Guided(labels, cond.scale) if isinstance(cond, Guided) and labels is not None else labels
+
+
+def guided(labels: torch.Tensor, scale: Union[float, torch.Tensor]) -> Guided:
+    """``Guided(labels, w)`` with a float ``w`` broadcast to every row."""
+    w = torch.as_tensor(scale, dtype=torch.float32, device=labels.device)
+    return Guided(labels, w.expand(labels.shape).clone() if w.dim() == 0 else w)
+
+
+__all__ = ["Guided", "Condition", "labels_of", "scale_of", "with_labels", "guided"]
