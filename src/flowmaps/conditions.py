@@ -18,25 +18,31 @@ import torch
 
 @dataclass(frozen=True)
 class Guided:
-    """Class labels ``[B]`` and guidance scales ``[B]`` of the same rows."""
+    """Class labels ``[B]`` and guidance scales ``[B]`` of the same rows; ``weight`` (``[B]``, optional)
+    is the weight of each row's diagonal term that the scales' draw prescribes (guidance-free
+    training's ``beta^2``; ``None``: 1)."""
 
     labels: torch.Tensor
     scale: torch.Tensor
+    weight: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
-        if self.labels.dim() != 1 or self.scale.shape != self.labels.shape:
-            raise ValueError(f"a guided condition needs labels [B] and scales [B]; got {tuple(self.labels.shape)} "
-                             f"and {tuple(self.scale.shape)}")
+        if self.labels.dim() != 1 or self.scale.shape != self.labels.shape or (
+                self.weight is not None and self.weight.shape != self.labels.shape):
+            raise ValueError(f"a guided condition needs labels [B], scales [B] (and weights [B]); got "
+                             f"{tuple(self.labels.shape)}, {tuple(self.scale.shape)}"
+                             + ("" if self.weight is None else f", {tuple(self.weight.shape)}"))
 
     def __getitem__(self, index: Union[slice, torch.Tensor]) -> Guided:
-        return Guided(self.labels[index], self.scale[index])
+        return Guided(self.labels[index], self.scale[index], None if self.weight is None else self.weight[index])
 
     @property
     def shape(self) -> torch.Size:
         return self.labels.shape
 
     def to(self, device: Union[str, torch.device]) -> Guided:
-        return Guided(self.labels.to(device), self.scale.to(device))
+        return Guided(self.labels.to(device), self.scale.to(device),
+                      None if self.weight is None else self.weight.to(device))
 
 
 Condition = Optional[Union[torch.Tensor, Guided]]
@@ -52,9 +58,14 @@ def scale_of(cond: Condition) -> Optional[torch.Tensor]:
     return cond.scale if isinstance(cond, Guided) else None
 
 
+def weight_of(cond: Condition) -> Optional[torch.Tensor]:
+    """The diagonal-term weights of ``cond``'s rows (``None``: 1)."""
+    return cond.weight if isinstance(cond, Guided) else None
+
+
 def with_labels(cond: Condition, labels: Optional[torch.Tensor]) -> Condition:
-    """``cond`` with its labels replaced by ``labels`` (its scales kept)."""
-    return Guided(labels, cond.scale) if isinstance(cond, Guided) and labels is not None else labels
+    """``cond`` with its labels replaced by ``labels`` (its scales and weights kept)."""
+    return Guided(labels, cond.scale, cond.weight) if isinstance(cond, Guided) and labels is not None else labels
 
 
 def guided(labels: torch.Tensor, scale: Union[float, torch.Tensor]) -> Guided:
@@ -63,4 +74,4 @@ def guided(labels: torch.Tensor, scale: Union[float, torch.Tensor]) -> Guided:
     return Guided(labels, w.expand(labels.shape).clone() if w.dim() == 0 else w)
 
 
-__all__ = ["Guided", "Condition", "labels_of", "scale_of", "with_labels", "guided"]
+__all__ = ["Guided", "Condition", "labels_of", "scale_of", "weight_of", "with_labels", "guided"]

@@ -43,6 +43,16 @@ def test_defaults_are_valid():
         ({"guidance": {"teacher_scale": 2.0}, "teacher": "exact"}, "guidance needs a class-conditional model"),
         ({"guidance": {"weak_teacher": 3}, "teacher": "exact"}, "guidance.weak_teacher must be of type str"),
         ({"method": {"name": "lsd", "diagonal_warmup": 1.0}}, "diagonal_warmup of method .lsd. must lie in"),
+        ({"train": {"guidance_range": [2.0, 1.0]}, "model": {"num_classes": 2, "guidance": True}},
+         r"train.guidance_range must be \[low, high\]"),
+        ({"train": {"guidance_range": [1.0, 3.0]}, "model": {"num_classes": 2}}, "must be given together"),
+        ({"model": {"num_classes": 2, "guidance": True}}, "must be given together"),
+        ({"train": {"guidance_range": [1.0, 3.0]}, "model": {"guidance": True}}, "needs a class-conditional model"),
+        ({"train": {"guidance_range": [0.0, 3.0], "guidance_draw": "gft"}, "model": {"num_classes": 2, "guidance": True}},
+         "it needs train.guidance_range with low > 0"),
+        ({"train": {"guidance_draw": "beta"}}, "train.guidance_draw must be one of"),
+        ({"train": {"guidance_range": [1.0, 3.0]}, "model": {"num_classes": 2, "guidance": True}, "teacher": "exact",
+          "guidance": {"teacher_scale": 2.0}}, "every example's own scale guides the teacher"),
     ],
 )
 def test_bad_values_name_the_key(values, msg):

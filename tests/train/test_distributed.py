@@ -86,6 +86,32 @@ def test_shards_partition_array_data_and_have_their_own_streams(tmp_path):
         generated.load_state_dict({}, {0: first.generator_state})
 
 
+@pytest.mark.parametrize("draw", ["uniform", "gft"])
+def test_guidance_scales_are_drawn_per_row_in_the_range_and_replayed_from_the_generator(tmp_path, draw):
+    """``uniform``: ``w ~ U[low, high]``; ``gft``: ``w = 1 / beta``, ``beta ~ U[1 / high, 1 / low]``, the
+    labelled rows weighted ``beta^2`` and the label-dropped rows 1. Two batchers of the same seed draw
+    the same scales."""
+    spec = tmp_path / "labelled.json"
+    spec.write_text('{"weights": [0.5, 0.5], "means": [[-1, 0], [1, 0]], "stds": [0.3, 0.3], "labels": [0, 1]}')
+
+    def batcher():
+        return ShardedBatches(get_data(str(spec)), 4096, 1, DistributedContext(), seed=3, labels=True,
+                              label_dropout=0.2, guidance_range=(1.0, 4.0), guidance_draw=draw)
+
+    (first,), (again,) = batcher().next(), batcher().next()
+    cond = first.batch.cond
+    assert torch.equal(cond.scale, again.batch.cond.scale)
+    assert float(cond.scale.min()) >= 1.0 - 1e-6 and float(cond.scale.max()) <= 4.0 + 1e-6
+    if draw == "uniform":
+        assert cond.weight is None and abs(float(cond.scale.mean()) - 2.5) < 0.05
+        return
+    beta = 1 / cond.scale
+    assert abs(float(beta.mean()) - 0.625) < 0.01  # uniform on [0.25, 1]
+    dropped = cond.labels == -1
+    assert 0.15 < float(dropped.float().mean()) < 0.25
+    assert torch.allclose(cond.weight[~dropped], beta[~dropped] ** 2) and bool((cond.weight[dropped] == 1).all())
+
+
 def test_stop_request_catches_the_first_signal_only():
     import signal
 

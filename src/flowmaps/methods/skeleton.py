@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from flowmaps.conditions import Condition, labels_of, scale_of, with_labels
+from flowmaps.conditions import Condition, labels_of, scale_of, weight_of, with_labels
 from flowmaps.methods.base import AuxiliaryNetwork, Batch, LossContext, LossOutput, Method, mean_square
 from flowmaps.methods.draw import AuxiliaryTerm, Draw, progress
 from flowmaps.methods.grid_distillation import GridDistillation
@@ -177,12 +177,15 @@ class SkeletonMethod(Method):
         return unconditional + w.reshape(-1, *([1] * (x_t.dim() - 1))) * (estimate - unconditional)
 
     def diagonal_loss(self, model: nn.Module, draw: Draw) -> torch.Tensor:
-        """Per-example ``|V(x_t, t, t) - target|^2`` on the diagonal rows (``reduction`` of the method)."""
+        """Per-example ``|V(x_t, t, t) - target|^2`` on the diagonal rows (``reduction`` of the method),
+        times the rows' weights when the condition carries them."""
         d, t = draw.diag, draw.t_diag
         x_t = self.schedule.sample_xt(d.x0, draw.eps_diag, t)
         v = model(x_t, t, t, d.cond, output="V", check_times=False)
         target = self.diagonal_velocity(model, x_t, d.x0, draw.eps_diag, t, d.cond, draw.batch)
-        return squared_norm(v - target, self.weighting.reduction)
+        per_example = squared_norm(v - target, self.weighting.reduction)
+        weight = weight_of(d.cond)  # guidance-free training's beta^2 (flowmaps.train.distributed)
+        return per_example if weight is None else weight.to(per_example.dtype) * per_example
 
     # ----- the rule ----------------------------------------------------------------------------
     def pair_loss(self, model: nn.Module, draw: Draw, terms: LossTerms, ctx: LossContext) -> None:

@@ -153,7 +153,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (checked against eager JVP tangents at start)
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (pip install 'flowmaps[tensorboard]')
     label_dropout: float = 0.1  # share of labels dropped to the null class (classifier-free training; model.num_classes > 0)
-    guidance_range: Optional[list[float]] = None  # [low, high]: a guidance scale w per example, uniform (model.guidance)
+    guidance_range: Optional[list[float]] = None  # [low, high]: a guidance scale w per example (model.guidance)
+    guidance_draw: str = "uniform"  # uniform: w ~ U[low, high] | gft: w = 1/beta, beta ~ U[1/high, 1/low], weight beta^2
     init_from: Optional[str] = None  # a finished run whose EMA weights start a fresh run (flowmaps.train.initialization)
 
 
@@ -223,6 +224,7 @@ _CHOICES = {
     "train.schedule": ("linear", "cosine"),
     "eval.ode_solver": ("euler", "heun"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.guidance_draw": ("uniform", "gft"),
     "guard.on_divergence": ("rollback", "stop"),
     "distributed.backend": ("auto", "gloo", "nccl"),
 }
@@ -309,6 +311,9 @@ def _validate_guidance_range(cfg: Config) -> None:
     scales = cfg.train.guidance_range
     if scales is not None and (len(scales) != 2 or not 0 <= scales[0] <= scales[1]):
         raise ConfigError(f"train.guidance_range must be [low, high] with 0 <= low <= high; got {scales}")
+    if cfg.train.guidance_draw == "gft" and (scales is None or scales[0] <= 0):
+        raise ConfigError(f"train.guidance_draw 'gft' draws beta = 1 / w in [1 / high, 1 / low]: it needs "
+                          f"train.guidance_range with low > 0; got {scales}")
     if (scales is not None) != cfg.model.guidance:
         raise ConfigError("model.guidance (the scale w as a network input) and train.guidance_range (the scales "
                           "it is trained on) must be given together")

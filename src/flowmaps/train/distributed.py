@@ -222,6 +222,7 @@ class ShardedBatches:
         labels: bool = False,
         label_dropout: float = 0.0,
         guidance_range: Optional[Sequence[float]] = None,
+        guidance_draw: str = "uniform",
     ):
         self.num_shards = ctx.world_size * grad_accum
         if global_batch % self.num_shards != 0:
@@ -232,6 +233,7 @@ class ShardedBatches:
         self.data = data
         self.labels, self.label_dropout = labels, label_dropout
         self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
+        self.guidance_draw = guidance_draw
         self.global_batch = global_batch
         self.shard_size = global_batch // self.num_shards
         self.shards = range(ctx.rank * grad_accum, (ctx.rank + 1) * grad_accum)
@@ -250,8 +252,8 @@ class ShardedBatches:
     def _conditioned(self, batch: Batch, generator: torch.Generator) -> Batch:
         """The labels a conditional model trains on: each dropped to ``NULL_CLASS`` with probability
         ``label_dropout`` (classifier-free training, spec §7); none for an unconditional model. With
-        ``guidance_range = (low, high)`` every row also gets a guidance scale ``w ~ U[low, high]``
-        (``flowmaps.conditions.Guided``: a guidance-conditioned student)."""
+        ``guidance_range`` every row also gets a guidance scale (``_guided``; ``flowmaps.conditions.Guided``:
+        a guidance-conditioned student)."""
         if not self.labels:
             return Batch(batch.x0)
         if batch.cond is None:
@@ -261,10 +263,22 @@ class ShardedBatches:
             drop = torch.rand(cond.shape, generator=generator, device=generator.device) < self.label_dropout
             cond = torch.where(drop.to(cond.device), torch.full_like(cond, NULL_CLASS), cond)
         if self.guidance_range is not None:
-            low, high = self.guidance_range
-            w = low + (high - low) * torch.rand(cond.shape, generator=generator, device=generator.device)
-            return Batch(batch.x0, Guided(cond, w.to(batch.x0.device)))
+            return Batch(batch.x0, self._guided(cond, generator, batch.x0.device))
         return Batch(batch.x0, cond)
+
+    def _guided(self, labels: torch.Tensor, generator: torch.Generator, device: torch.device) -> Guided:
+        """A guidance scale per row from ``guidance_range = (low, high)``: ``uniform``, ``w ~ U[low, high]``;
+        ``gft`` (guidance-free training, Chen et al. 2025, arXiv 2501.15420), ``w = 1 / beta`` with
+        ``beta ~ U[1 / high, 1 / low]``, the labelled rows' diagonal terms weighted by ``beta^2``: GFT's
+        loss ``|beta V_w + (1 - beta) sg[V_None] - u|^2`` is ``beta^2 |V_w - (w u + (1 - w) sg[V_None])|^2``,
+        the guided diagonal target of ``flowmaps.methods.skeleton``."""
+        low, high = self.guidance_range
+        r = torch.rand(labels.shape, generator=generator, device=generator.device).to(device)
+        if self.guidance_draw == "uniform":
+            return Guided(labels, low + (high - low) * r)
+        beta = 1 / high + (1 / low - 1 / high) * r
+        weight = torch.where(labels == NULL_CLASS, torch.ones_like(beta), beta**2)
+        return Guided(labels, 1 / beta, weight)
 
     def state_dict(self) -> dict[str, Any]:
         """Data order and this process's shard generators (``{shard: state}``)."""

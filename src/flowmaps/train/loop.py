@@ -203,7 +203,8 @@ class Trainer:
         self.train_model = dist_ctx.wrap(network)  # what the method calls
         self.batches = ShardedBatches(self.data, cfg.train.batch_size, cfg.train.grad_accum, dist_ctx, cfg.train.seed,
                                       labels=cfg.model.num_classes > 0, label_dropout=cfg.train.label_dropout,
-                                      guidance_range=cfg.train.guidance_range)
+                                      guidance_range=cfg.train.guidance_range,
+                                      guidance_draw=cfg.train.guidance_draw)
         self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
         self.guard = DivergenceGuard(cfg.guard)
         self.log = RunLog(self.out_dir / LOG_FILE, dist_ctx.is_main)
