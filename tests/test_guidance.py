@@ -160,3 +160,27 @@ def test_guidance_free_training_from_scratch_learns_the_guided_velocity(setting)
         ours = float((x - exact).pow(2).sum(1).mean().sqrt())
         baseline = float((plain - exact).pow(2).sum(1).mean().sqrt())
         assert ours < (bound if w == 1.0 else bound * baseline), (w, ours, baseline)
+
+
+def test_sample_takes_guidance_within_the_trained_range_and_refuses_it_elsewhere(setting, conditional, tmp_path,
+                                                                                  capsys):
+    """``flowmaps sample --guidance W`` samples ``F(eps, 1, 0, c, w)`` of a guidance-conditioned run and
+    records ``w``; a scale outside the trained range, a model without the guidance input and an
+    unconditional request are refused by name (exit 2)."""
+    import numpy as np
+
+    root, spec, *_ = setting
+    student = _train(root, spec, "cli-scales", "--set", "model.guidance=true", "--set", "train.guidance_range=[1,3]",
+                     method="lsd", steps=100)
+    out = tmp_path / "guided.npy"
+    assert main(["sample", str(root / "cli-scales"), "--class", "1", "--guidance", "2.5", "--nfe", "1", "--n", "64",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["guidance"] == 2.5
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    expected = _one_step(student, noise.double(), guided(torch.ones(64, dtype=torch.long), 2.5))
+    assert np.allclose(np.load(out), expected.numpy(), atol=1e-5)
+    for run, args, message in ((root / "cli-scales", ["--class", "1", "--guidance", "4"], "outside the range"),
+                               (root / "w1", ["--class", "1", "--guidance", "2"], "no guidance input"),
+                               (root / "cli-scales", ["--class", "none", "--guidance", "2"], "needs class labels")):
+        assert main(["sample", str(run), *args, "--nfe", "1", "--n", "8", "--out", str(tmp_path / "x.npy")]) == 2
+        assert message in capsys.readouterr().err
