@@ -8,11 +8,11 @@
    from ``pair_times`` (by default the ``TimePairSampler`` of the options; consistency methods draw
    grid cells, data-free methods ``s = 1``) and the source points ``x_s = alpha(s) x_0 + sigma(s) eps``;
 3. the diagonal term ``|V(x_t, t, t) - target|^2`` on the diagonal rows, with the target of
-   ``diagonal_target`` (the conditional velocity, the batch's empirical velocity, or the teacher's);
+   ``diagonal_target`` (the conditional velocity, the batch's empirical velocity, or the teacher's),
+   guided at each row's scale when the condition carries one (``guided_velocity``, which the
+   methods whose rule uses the conditional velocity ``u`` call too);
 4. ``pair_loss``: the method's own rule on the pair rows, each residual turned into per-example
    losses by the options' ``LossWeighting`` (penalty, adaptive weight, time weight);
-   (guided at each row's scale when the condition carries one: ``guided_velocity``, which the
-   methods that use the conditional velocity ``u`` in their rule call too);
 5. every auxiliary term (grid distillation when ``grid_fraction > 0``; later guidance and reward
    terms), each on rows of its own;
 6. ``LossTerms`` sums the per-example losses over the batch into ``LossOutput``.
@@ -35,7 +35,8 @@ from flowmaps.methods.base import AuxiliaryNetwork, Batch, LossContext, LossOutp
 from flowmaps.methods.draw import AuxiliaryTerm, Draw, progress
 from flowmaps.methods.grid_distillation import GridDistillation
 from flowmaps.methods.options import (
-    DiagonalSplitOptions, DiagonalTargetOptions, GridOptions, JVPOptions, Options, TargetOptions, WeightingOptions, pair_sampler,
+    DiagonalSplitOptions, DiagonalTargetOptions, GridOptions, JVPOptions, Options, TargetOptions, WeightingOptions,
+    pair_sampler,
 )
 from flowmaps.methods.targets import TargetNetwork
 from flowmaps.nets.embeddings import NULL_CLASS
