@@ -10,6 +10,7 @@ embeddings, the targets and the teachers look inside.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -68,10 +69,19 @@ def with_labels(cond: Condition, labels: Optional[torch.Tensor]) -> Condition:
     return Guided(labels, cond.scale, cond.weight) if isinstance(cond, Guided) and labels is not None else labels
 
 
+def check_scales(scale: torch.Tensor) -> tuple[float, float]:
+    """The least and largest of the guidance scales ``scale`` (one device synchronisation), refused
+    (``ValueError``) unless every one is finite and ``>= 0``."""
+    low, high = float(scale.min()), float(scale.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+        raise ValueError(f"guidance scale w must be finite and >= 0; got values in [{low}, {high}]")
+    return low, high
+
+
 def guided(labels: torch.Tensor, scale: Union[float, torch.Tensor]) -> Guided:
     """``Guided(labels, w)`` with a float ``w`` broadcast to every row."""
     w = torch.as_tensor(scale, dtype=torch.float32, device=labels.device)
     return Guided(labels, w.expand(labels.shape).clone() if w.dim() == 0 else w)
 
 
-__all__ = ["Guided", "Condition", "labels_of", "scale_of", "weight_of", "with_labels", "guided"]
+__all__ = ["Guided", "Condition", "labels_of", "scale_of", "weight_of", "with_labels", "check_scales", "guided"]

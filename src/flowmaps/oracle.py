@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from flowmaps.conditions import check_scales
 from flowmaps.schedules import LinearSchedule, Schedule
 from flowmaps.time_args import TimeLike, as_batch_time, check_unit_interval
 
@@ -172,8 +173,7 @@ class GaussianMixture:
             raise ValueError("guidance needs class labels: a labelled mixture and cond (v_w mixes the conditional "
                              "and the unconditional velocity)")
         w = as_batch_time(guidance, x64, "guidance")
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError(f"guidance scale w must be finite and >= 0; got {w.unique().tolist()[:4]}")
+        check_scales(w)
         return w
 
     def _velocity(self, x64: torch.Tensor, t64: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

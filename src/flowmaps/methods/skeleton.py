@@ -42,6 +42,7 @@ from flowmaps.methods.targets import TargetNetwork
 from flowmaps.nets.embeddings import NULL_CLASS
 from flowmaps.posterior_targets import diagonal_velocity_target
 from flowmaps.schedules import Schedule
+from flowmaps.time_args import expand_like
 from flowmaps.weighting import LossTerms, LossWeighting, row_norm, squared_norm
 
 TANGENT_NORMS = ("l2", "rms")
@@ -56,7 +57,7 @@ def normalise_tangent(r: torch.Tensor, c: float, norm: str = "l2") -> torch.Tens
     size = r.reshape(r.shape[0], -1).norm(dim=1)
     if norm == "rms":
         size = size / r[0].numel() ** 0.5
-    return r / (size + c).reshape(-1, *([1] * (r.dim() - 1)))
+    return r / expand_like(size + c, r)
 
 
 def log_residual(terms: LossTerms, tangent: torch.Tensor, residual: torch.Tensor) -> None:
@@ -175,7 +176,7 @@ class SkeletonMethod(Method):
             unconditional = model(x_t, t, t, with_labels(cond, torch.full_like(labels, NULL_CLASS)), output="V",
                                   check_times=False)
         w = torch.where(labels == NULL_CLASS, torch.ones_like(w), w).to(estimate.dtype)
-        return unconditional + w.reshape(-1, *([1] * (x_t.dim() - 1))) * (estimate - unconditional)
+        return unconditional + expand_like(w, x_t) * (estimate - unconditional)
 
     def diagonal_loss(self, model: nn.Module, draw: Draw) -> torch.Tensor:
         """Per-example ``|V(x_t, t, t) - target|^2`` on the diagonal rows (``reduction`` of the method),

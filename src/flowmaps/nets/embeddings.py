@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from flowmaps.conditions import Condition, labels_of, scale_of
+from flowmaps.conditions import Condition, check_scales, labels_of, scale_of
 
 
 class FourierTimeEmbedding(nn.Module):
@@ -153,9 +153,7 @@ def check_guidance_input(scale: Optional[torch.Tensor], takes_guidance: bool,
     synchronisation)."""
     if scale is None or not scale.numel() or torch.compiler.is_compiling():
         return
-    low, high = float(scale.min()), float(scale.max())
-    if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
-        raise ValueError(f"guidance scale w must be finite and >= 0; got values in [{low}, {high}]")
+    low, high = check_scales(scale)
     if not takes_guidance and (low != 1.0 or high != 1.0):
         raise ValueError(f"this model has no guidance input (model.guidance = false), so it takes only w = 1; got "
                          f"w in [{low}, {high}]. Train with model.guidance=true and train.guidance_range=[LOW, HIGH]")

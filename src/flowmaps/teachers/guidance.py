@@ -25,7 +25,7 @@ from flowmaps.conditions import Condition, labels_of, scale_of
 from flowmaps.nets.embeddings import NULL_CLASS
 from flowmaps.oracle import integrate_dopri5
 from flowmaps.teachers.base import ExactTeacher, Teacher
-from flowmaps.time_args import TimeLike, as_batch_time, check_unit_interval
+from flowmaps.time_args import TimeLike, as_batch_time, check_unit_interval, expand_like
 
 
 def check_guidance_scale(w: float, where: str = "guidance scale") -> float:
@@ -67,7 +67,7 @@ class GuidedTeacher:
             return conditional
         else:
             base = self.teacher.velocity(x, t, torch.full_like(labels, NULL_CLASS))
-        return base + w.reshape(-1, *([1] * (x.dim() - 1))) * (conditional - base)
+        return base + expand_like(w, x) * (conditional - base)
 
     def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: Condition = None) -> torch.Tensor:
         if isinstance(self.teacher, ExactTeacher) and self.weak is None:
@@ -77,7 +77,7 @@ class GuidedTeacher:
         sb, tb = as_batch_time(s, x64, "s"), as_batch_time(t, x64, "t")
         check_unit_interval(sb, "s")
         check_unit_interval(tb, "t")
-        gap = (tb - sb).reshape(-1, *([1] * (x.dim() - 1)))
+        gap = expand_like(tb - sb, x)
 
         def rhs(tau: float, y: torch.Tensor) -> torch.Tensor:
             v = self.velocity(y.to(x.dtype), (sb + tau * (tb - sb)).to(x.dtype), cond)
