@@ -25,6 +25,7 @@ steps the gradient norms of all ranks are compared and must agree.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import signal
@@ -146,8 +147,10 @@ class DistributedContext:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group if ``setup`` created it."""
+        """Leave the process group if ``setup`` created it, once the run's DDP wrappers (and the gloo work
+        they hold) are collected, so none outlives the group into interpreter finalisation."""
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
