@@ -22,11 +22,20 @@ Guidance (spec §7, diffusers' ``guidance_scale``): ``v_w(x, t, c) = v(x, t, Non
 v(x, t, None))``, ``w = 1`` the conditional velocity, ``w = 0`` the unconditional one; the guided
 flow map ``F_w`` is the flow map of ``dx/dt = v_w``. Both take ``guidance=w`` (a float or a ``[B]``
 tensor, ``w >= 0``).
+
+Posteriors (spec §9): with a measurement ``y = A x_0 + n``, ``n ~ N(0, s_y^2 I)``, the posterior of
+a mixture prior is the full-covariance mixture ``PosteriorMixture`` (``GaussianMixture.posterior``):
+``Sigma'_k = (Sigma_k^-1 + A^T A / s_y^2)^-1``, ``mu'_k = Sigma'_k (Sigma_k^-1 mu_k + A^T y / s_y^2)``,
+``w'_k ∝ w_k N(y; A mu_k, A Sigma_k A^T + s_y^2 I)``; a quadratic reward ``lambda r(x) = -lambda |B x -
+b|^2 / 2`` tilts the prior into the same formula with ``A = B``, ``y = b``, ``s_y^2 = 1 / lambda``
+(``GaussianMixture.tilted``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -230,6 +239,38 @@ class GaussianMixture:
                              f"nor the null label {NULL_LABEL}")
         return cond
 
+    # ----- posteriors (spec §9) ------------------------------------------------------------------
+    def posterior(self, operator: ArrayLike, measurement: ArrayLike, noise_std: float) -> PosteriorMixture:
+        """The exact posterior ``p(x_0 | y)`` for ``y = A x_0 + n``, ``n ~ N(0, noise_std^2 I)``: ``A`` is
+        ``[M, D]`` and ``y`` ``[M]``; ``noise_std`` must be positive and finite."""
+        a = torch.as_tensor(operator, dtype=torch.float64)
+        y = torch.as_tensor(measurement, dtype=torch.float64).flatten()
+        if a.dim() != 2 or a.shape[1] != self.dim:
+            raise ValueError(f"the operator must be a [M, {self.dim}] matrix for this mixture; got {tuple(a.shape)}")
+        if y.shape[0] != a.shape[0]:
+            raise ValueError(f"the measurement has {y.shape[0]} entries but the operator has {a.shape[0]} rows")
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(y).all())):
+            raise ValueError("the operator and the measurement must be finite")
+        check_noise_std(noise_std)
+        var = float(noise_std) ** 2
+        prior_cov = torch.diag_embed(self.stds**2)  # [K, D, D]
+        precision = torch.diag_embed(self.stds**-2) + (a.T @ a / var)[None]
+        cov = torch.linalg.inv(precision)
+        cov = (cov + cov.transpose(1, 2)) / 2
+        mean = (cov @ (self.means / self.stds**2 + (a.T @ y / var)[None])[..., None])[..., 0]
+        evidence = torch.distributions.MultivariateNormal(
+            self.means @ a.T, a[None] @ prior_cov @ a.T[None] + var * torch.eye(a.shape[0], dtype=torch.float64))
+        log_w = torch.log(self.weights) + evidence.log_prob(y[None])
+        return PosteriorMixture(torch.softmax(log_w, 0), mean, cov, torch.logsumexp(log_w, 0).item())
+
+    def tilted(self, matrix: ArrayLike, target: ArrayLike, strength: float) -> PosteriorMixture:
+        """The prior tilted by a quadratic reward, ``p(x) exp(-strength |B x - b|^2 / 2)`` normalised:
+        the posterior with ``A = B``, ``y = b`` and ``s_y = 1 / sqrt(strength)`` (spec §9)."""
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
+                math.isfinite(strength) and strength > 0):
+            raise ValueError(f"the tilt strength must be a positive finite number; got {strength!r}")
+        return self.posterior(matrix, target, 1.0 / math.sqrt(strength))
+
     # ----- flow map ---------------------------------------------------------------------------
     def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: torch.Tensor | None = None,
                  rtol: float = 1e-9, atol: float = 1e-10, guidance: TimeLike | None = None) -> torch.Tensor:
@@ -251,6 +292,57 @@ class GaussianMixture:
             return gap * self._guided_velocity(y, sb + tau * (tb - sb), labels, w)
 
         return integrate_dopri5(rhs, x64, rtol=rtol, atol=atol).to(x.dtype)
+
+
+def check_noise_std(noise_std: float, name: str = "the noise std") -> float:
+    """``noise_std`` as a float if it is a positive finite number; otherwise ``ValueError`` naming ``name``."""
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (
+            math.isfinite(noise_std) and noise_std > 0):
+        raise ValueError(f"{name} must be a positive finite number; got {noise_std!r}")
+    return float(noise_std)
+
+
+@dataclass(frozen=True)
+class PosteriorMixture:
+    """``sum_k w_k N(mu_k, Sigma_k)`` with full covariances: an exact posterior or tilted prior (spec §9).
+
+    ``weights`` ``[K]``, ``means`` ``[K, D]``, ``covariances`` ``[K, D, D]`` (float64);
+    ``log_evidence`` is ``log p(y)`` (for a tilt, ``log E_prior[exp(lambda r)]`` up to the Gaussian
+    normaliser ``(2 pi / lambda)^(M/2)``).
+    """
+
+    weights: torch.Tensor
+    means: torch.Tensor
+    covariances: torch.Tensor
+    log_evidence: float
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _components(self) -> torch.distributions.MultivariateNormal:
+        return torch.distributions.MultivariateNormal(self.means, self.covariances)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` exact samples ``[n, D]`` (float32), drawn with ``generator`` (on the CPU)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        chol = torch.linalg.cholesky(self.covariances)
+        return (self.means[k] + (chol[k] @ z[..., None])[..., 0]).float()
+
+    def mean(self) -> torch.Tensor:
+        """``E[x]`` ``[D]``."""
+        return self.weights @ self.means
+
+    def covariance(self) -> torch.Tensor:
+        """``Cov[x]`` ``[D, D]``: the mean within-component covariance plus the covariance of the means."""
+        centred = self.means - self.mean()
+        return (self.weights[:, None, None] * (self.covariances + centred[:, :, None] * centred[:, None, :])).sum(0)
+
+    def log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)`` ``[B]`` for ``x`` ``[B, D]``."""
+        log_k = self._components().log_prob(x.to(torch.float64)[:, None, :])
+        return torch.logsumexp(torch.log(self.weights) + log_k, dim=1).to(x.dtype)
 
 
 def _check_component_labels(labels: ArrayLike, num_components: int) -> torch.Tensor:
