@@ -1,4 +1,4 @@
-"""The ``flowmaps`` command line: ``train``, ``sample``, ``bench``, ``methods``.
+"""The ``flowmaps`` command line: ``train``, ``sample``, ``posterior``, ``steer``, ``bench``, ``methods``.
 
 The CLI only parses arguments, builds a validated config and calls the library. Data-parallel
 training runs the same command under torchrun: ``torchrun --nproc_per_node N -m flowmaps train ...``
@@ -138,13 +138,15 @@ def guided_condition(labels: Optional[torch.Tensor], w: float, model: Any) -> An
     return cond
 
 
-def class_labels(spec: Optional[str], n: int, num_classes: int, device: torch.device) -> Optional[torch.Tensor]:
+def class_labels(spec: Optional[str], n: int, num_classes: int, device: torch.device,
+                 flag: str = "--class") -> Optional[torch.Tensor]:
     """The ``[n]`` labels ``--class`` asks for: ``K`` or ``K1,K2,...`` (cycled over the samples), ``all``
     (every class in turn; the default of a class-conditional model) or ``none`` (the null class: the
-    unconditional model, ``None``). An unconditional model takes no ``--class``."""
+    unconditional model, ``None``). An unconditional model takes no ``--class``. ``flag`` names the option in
+    messages (``flowmaps posterior`` and ``steer`` call it ``--label``)."""
     if num_classes == 0:
         if spec not in (None, "none"):
-            raise ValueError(f"--class {spec}: this run's model is unconditional (model.num_classes = 0); it takes no "
+            raise ValueError(f"{flag} {spec}: this run's model is unconditional (model.num_classes = 0); it takes no "
                              "class labels")
         return None
     spec = "all" if spec is None else spec
@@ -156,11 +158,11 @@ def class_labels(spec: Optional[str], n: int, num_classes: int, device: torch.de
         try:
             classes = [int(k) for k in spec.split(",")]
         except ValueError as err:
-            raise ValueError(f"--class must be a class index, a comma-separated list of them, all or none; "
+            raise ValueError(f"{flag} must be a class index, a comma-separated list of them, all or none; "
                              f"got {spec!r}") from err
         bad = [k for k in classes if not 0 <= k < num_classes]
         if bad:
-            raise ValueError(f"--class {spec}: class {bad[0]} is out of range: this model has {num_classes} classes "
+            raise ValueError(f"{flag} {spec}: class {bad[0]} is out of range: this model has {num_classes} classes "
                              f"(0..{num_classes - 1})")
     return torch.tensor(classes, device=device).repeat(-(-n // len(classes)))[:n]
 
@@ -229,6 +231,147 @@ def _sample(args: argparse.Namespace) -> int:
         save_image_grid(x, out.with_suffix(".png"))
     print(f"flowmaps: wrote {args.n} samples ({name}, {args.nfe} NFE) to {out} (metadata {out.with_suffix('.json')})")
     return 0
+
+
+def _steering_output(args: argparse.Namespace) -> Path:
+    out = Path(args.out if args.out.endswith(".npy") else f"{args.out}.npy")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the path of the .npy file to write")
+    return out
+
+
+def _steering_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """What both steering commands check and load before their reward: the sampler's options and particles
+    (checked before the model loads), the run's model, config, sample shape and condition."""
+    from flowmaps.build import load_config, resolve_device
+    from flowmaps.runs import CONFIG_FILE, data_info, load
+    from flowmaps.schedules import get_schedule
+    from flowmaps.steering import build_steerer
+    from flowmaps.steering.base import check_count
+    from flowmaps.steering.cli_support import method_options, particle_count
+
+    check_count(args.n, "--n (the number of samples)")
+    check_count(args.nfe, "--nfe (the NFE budget per particle)")
+    given = {"eta": args.eta, "ess_threshold": args.ess_threshold, "lookahead": args.lookahead, "select": args.select,
+             "data_std": args.data_std}
+    method_options(args.method, given)  # refuses an unknown method or a flag it does not take, before loading
+    particles = particle_count(args.method, args.particles)
+    out = _steering_output(args)
+    device = resolve_device(args.device)
+    run_dir = Path(args.run_dir)
+    model = load(run_dir, ema=not args.raw, device=device, allow_unfinished=args.allow_unfinished)
+    cfg = load_config(run_dir / CONFIG_FILE)
+    info = data_info(run_dir)
+    options = method_options(args.method, given, get_schedule(cfg.train.schedule))
+    steerer = build_steerer(args.method, **options)
+    steerer.steps_for(args.nfe, particles)  # a budget below one step's cost fails here, before any reward is built
+    labels = class_labels(args.label, args.n, model.num_classes, device, flag="--label")
+    cond = labels if args.guidance is None else guided_condition(labels, args.guidance, model)
+    return {"out": out, "device": device, "run_dir": run_dir, "model": model, "cfg": cfg, "info": info,
+            "shape": tuple(info.shape), "steerer": steerer, "particles": particles, "labels": labels, "cond": cond}
+
+
+def _steering_run(args: argparse.Namespace, setup: dict[str, Any], reward: Any, meta: dict[str, Any],
+                  extra_files: dict[str, np.ndarray]) -> int:
+    """Steer, then write the samples, ``extra_files`` (``<out stem>.<name>.npy``), the metrics JSON, an image
+    grid for image runs, and the exact reference's energy distance for a mixture run; print one line."""
+    from flowmaps.files import atomic_write, write_json
+    from flowmaps.memory import check_fits, out_of_memory
+    from flowmaps.plots import save_image_grid
+    from flowmaps.steering import LinearGaussianLikelihood, QuadraticReward, steer
+    from flowmaps.steering.cli_support import exact_scores, prior_of, run_mixture
+
+    out, device, shape, model = setup["out"], setup["device"], setup["shape"], setup["model"]
+    particles, run_dir = setup["particles"], setup["run_dir"]
+    request = f"--n {args.n} x --particles {particles} ({args.n * particles} particles of shape {list(shape)})"
+    check_fits(4 * args.n * particles * 8 * math.prod(shape), device, request)  # particles, copies, a few activations
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        result = steer(model, reward, args.n, setup["steerer"], nfe=args.nfe, particles=particles, cond=setup["cond"],
+                       generator=gen, shape=shape)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        raise out_of_memory(err, request, device) from err
+    seconds = time.perf_counter() - start
+    array = result.samples.detach().cpu().numpy()
+    bad_rows = int((~np.isfinite(array.reshape(args.n, -1))).any(axis=1).sum())
+    if bad_rows:
+        raise FloatingPointError(f"{bad_rows} of {args.n} steered samples from {run_dir} are non-finite (NaN or inf); "
+                                 f"nothing was written to {out}")
+    exact: dict[str, Any] = {}
+    mixture = run_mixture(setup["cfg"].data.name, setup["info"].name, shape)
+    if mixture is not None and isinstance(reward, LinearGaussianLikelihood) and args.n > 1:
+        prior, what = prior_of(mixture, setup["cond"])
+        if prior is None:
+            exact = {"exact_reference": None, "exact_reference_note": what}
+        else:
+            a, y, s = reward.dense()
+            target = (prior.tilted(a, y, s**-2) if isinstance(reward, QuadraticReward)
+                      else prior.posterior(a, y, s))
+            kind = "tilt" if isinstance(reward, QuadraticReward) else "posterior"
+            exact = {"exact_reference": f"the exact {kind} of {what}", **exact_scores(result.samples, target, args.seed)}
+
+    def save(value: np.ndarray) -> Any:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, value)
+        return write
+
+    atomic_write(out, save(array))
+    files = {}
+    for name, value in extra_files.items():
+        path = out.with_name(f"{out.stem}.{name}.npy")
+        atomic_write(path, save(value))
+        files[f"{name}_file"] = str(path)
+    source, labels = model.provenance, setup["labels"]
+    summary = {**result.metrics(), "command": args.command, "run": str(run_dir), "method": result.extra.get(
+        "method", args.method), **meta, "seed": args.seed, "nfe_budget": args.nfe, "wall_seconds": round(seconds, 3),
+        "shape": list(shape), "classes": None if labels is None else labels.cpu().tolist(), "guidance": args.guidance,
+        "model_weights": "raw" if args.raw else "ema", "weights_file": source["weights"], "run_id": source["run_id"],
+        "config_hash": source["config_hash"], "run_state": source["state"], **files, **exact}
+    write_json(out.with_suffix(".json"), summary)
+    if len(shape) == 3:
+        save_image_grid(result.samples.detach().cpu(), out.with_suffix(".png"))
+    distance = (f"; energy distance to the exact target {exact['energy_distance']:.4f} (floor "
+                f"{exact['energy_distance_floor']:.4f})" if "energy_distance" in exact else "")
+    print(f"flowmaps: wrote {args.n} samples ({result.extra.get('method', args.method)}, {particles} particle(s), "
+          f"{result.nfe}/{args.nfe} NFE per particle, ESS {result.ess:.2f}) to {out}; reward mean "
+          f"{summary['reward_mean']:.4g}{distance} ({out.with_suffix('.json')})")
+    return 0
+
+
+def _posterior(args: argparse.Namespace) -> int:
+    from flowmaps.oracle import check_noise_std
+    from flowmaps.steering import LinearGaussianLikelihood, parse_operator
+    from flowmaps.steering.cli_support import load_array, load_truth, measure
+
+    noise_std = check_noise_std(args.noise_std, "--noise-std")
+    if (args.measurement is None) == (args.truth is None):
+        raise ValueError("flowmaps posterior takes exactly one of --measurement y.npy (a measurement) and --truth "
+                         "x.npy (a clean sample to measure); got " + ("both" if args.measurement else "neither"))
+    setup = _steering_setup(args)
+    shape = setup["shape"]
+    operator = parse_operator(args.operator, shape)
+    extra: dict[str, np.ndarray] = {}
+    if args.truth is not None:
+        truth = load_truth(args.truth, shape)
+        y = measure(operator, truth, noise_std, args.seed)
+        extra = {"truth": truth[0].numpy(), "measurement": y.numpy()}
+    else:
+        y = torch.as_tensor(load_array(args.measurement, "measurement"))
+    reward = LinearGaussianLikelihood(operator, y, noise_std, shape)
+    meta = {"reward": "likelihood", "operator": args.operator, "noise_std": noise_std,
+            "measurement": args.measurement, "truth": args.truth}
+    return _steering_run(args, setup, reward, meta, extra)
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from flowmaps.steering.cli_support import parse_reward
+
+    setup = _steering_setup(args)
+    reward = parse_reward(args.reward, setup["cfg"].data.name, setup["shape"], args.reward_scale, setup["device"])
+    meta = {"reward": args.reward, "reward_scale": args.reward_scale}
+    return _steering_run(args, setup, reward, meta, {})
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -317,6 +460,48 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
+def _steering_flags(p: argparse.ArgumentParser) -> None:
+    """The sampler flags ``flowmaps posterior`` and ``flowmaps steer`` share."""
+    from flowmaps.steering import STEERERS
+    from flowmaps.steering.best_of_n import SELECTIONS
+    from flowmaps.steering.tilting import LOOKAHEADS
+
+    p.add_argument("run_dir", metavar="RUN", help="a trained run directory")
+    p.add_argument("--method", default="fmtt", metavar="{" + ",".join(sorted(STEERERS)) + "}",
+                   help="steering sampler (default fmtt): fmtt (flow-map look-ahead tilting, Jarzynski weights with "
+                        "particles > 1), dps (denoiser look-ahead), smc (twisted SMC), best-of-n (best of --particles "
+                        "flow-map samples), posterior-guidance (PiGDM; linear-Gaussian rewards only)")
+    p.add_argument("--nfe", type=int, default=16,
+                   help="network evaluations per particle, a backward pass counting 2 (default 16); the sampler "
+                        "takes the most steps that fit")
+    p.add_argument("--n", type=int, default=256, help="number of samples (default 256)")
+    p.add_argument("--particles", type=int, metavar="P",
+                   help="particles per sample (default 8 for smc and best-of-n, 1 for the others; dps and "
+                        "posterior-guidance take only 1)")
+    p.add_argument("--eta", type=float, help="fmtt/dps/smc: noise level of the tilted SDE (0: deterministic; "
+                                             "sampler default 1)")
+    p.add_argument("--ess-threshold", type=float, metavar="F",
+                   help="fmtt/smc: resample a group when its ESS fraction falls below F (sampler default 0.5)")
+    p.add_argument("--lookahead", choices=LOOKAHEADS, help="smc only: the twist's look-ahead (default flow_map)")
+    p.add_argument("--select", choices=SELECTIONS,
+                   help="best-of-n only: keep the highest reward (max, default) or draw one by exp(r) (resample)")
+    p.add_argument("--data-std", type=float, metavar="C",
+                   help="posterior-guidance only: the data's std c in its covariance r_t^2 = c^2 sigma^2 / (alpha^2 c^2 "
+                        "+ sigma^2) (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True,
+                   help="output .npy file; <out stem>.json gets the metrics (and <out stem>.png the images)")
+    p.add_argument("--label", metavar="K",
+                   help="class-conditional models: condition every sample on class K (a comma-separated list is "
+                        "cycled; all, the default, or none), as flowmaps sample --class")
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="guidance scale w of a guidance-conditioned model, as flowmaps sample --guidance")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="steer a run that has not finished from its newest valid checkpoint instead of refusing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmaps", description="Train and sample flow maps F(x, s, t).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -377,6 +562,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample a run that has not finished (running, interrupted, diverged, failed) from its newest "
                         "valid checkpoint instead of refusing")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("posterior", help="sample the posterior p(x | y) of a linear measurement y = A x + noise "
+                                         "with a trained run as the prior",
+                       description="Samples of p(x | y) for y = A x + n, n ~ N(0, S^2 I), the run as the prior: the "
+                                   "reward -|A x - y|^2 / (2 S^2). Writes the samples, <out stem>.json (reward, NFE, "
+                                   "ESS; for a mixture run the energy distance to the exact posterior and its floor) "
+                                   "and for image runs <out stem>.png.")
+    _steering_flags(p)
+    p.add_argument("--operator", required=True, metavar="SPEC",
+                   help="A.npy (an [M, D] matrix on the flattened sample), inpaint:half, inpaint:MASK.npy (a boolean "
+                        "mask of one sample's shape), downsample:K (K x K average pooling of images) or denoise")
+    p.add_argument("--measurement", metavar="Y.npy", help="one measurement: the operator's output for one sample "
+                                                          "(any shape with that many entries)")
+    p.add_argument("--truth", metavar="X.npy",
+                   help="instead of --measurement: a clean sample of the run's shape, measured as A x + S * N(0, I) "
+                        "(noise drawn with --seed); writes <out stem>.truth.npy and <out stem>.measurement.npy")
+    p.add_argument("--noise-std", type=float, required=True, metavar="S", help="the measurement noise std (> 0)")
+    p.set_defaults(func=_posterior)
+
+    p = sub.add_parser("steer", help="sample a trained run tilted by a reward, p(x) exp(r(x))",
+                       description="Samples of p(x) exp(r(x)) for the run's model p. Writes the samples, "
+                                   "<out stem>.json (reward, NFE, ESS; for a quadratic reward on a mixture run the "
+                                   "energy distance to the exact tilted mixture and its floor) and for image runs "
+                                   "<out stem>.png.")
+    _steering_flags(p)
+    p.add_argument("--reward", required=True, metavar="SPEC",
+                   help="classifier:K (log p(K | x) under the in-project classifier of the run's image data, e.g. "
+                        "fashion-mnist; trained once and cached) or quadratic:FILE.npz (arrays B [M, D], b [M] and "
+                        "a scalar strength lambda > 0: r = -lambda |B x - b|^2 / 2)")
+    p.add_argument("--reward-scale", type=float, default=1.0, metavar="C",
+                   help="classifier rewards: r = C log p(K | x) (default 1)")
+    p.set_defaults(func=_steer)
 
     p = sub.add_parser("bench", help="train every method with an equal budget and measure it against exact samples")
     p.add_argument("--quick", action="store_true", help="a few-minute run (8gaussians, 2 seeds, 150 steps, 1024 samples)")

@@ -92,7 +92,7 @@ def test_posterior_guidance_is_exact_for_an_isotropic_gaussian_prior():
     """ΠGDM's Gaussian approximation of p(x0 | x_t) is exact for N(mu, c^2 I): many steps give the posterior."""
     prior = Gaussian([0.5, -0.5], [0.8, 0.8])
     post = prior.posterior(A, Y, NOISE)
-    result = steer(exact_model(prior), LIKELIHOOD, 20_000, "posterior-guidance", nfe=600, data_std=0.8,
+    result = steer(exact_model(prior), LIKELIHOOD, 20_000, "posterior-guidance", nfe=200, data_std=0.8,
                    generator=_gen(9))
     x = result.samples.double()
     assert torch.allclose(x.mean(0), post.mean(), atol=0.02), (x.mean(0), post.mean())

@@ -30,7 +30,8 @@ from flowmaps.steering.operators import LinearOperator, OperatorError
 from flowmaps.steering.rewards import ClassifierReward, QuadraticReward, RewardError
 
 # the sampler flags of both commands, by the option name the samplers take
-OPTION_FLAGS = {"eta": "--eta", "ess_threshold": "--ess-threshold", "lookahead": "--lookahead", "select": "--select"}
+OPTION_FLAGS = {"eta": "--eta", "ess_threshold": "--ess-threshold", "lookahead": "--lookahead", "select": "--select",
+                "data_std": "--data-std"}
 DEFAULT_PARTICLES = {"smc": 8, "best-of-n": 8}  # every other sampler: 1
 ENERGY_SAMPLES = 4096  # samples compared with the exact reference, at most
 QUADRATIC_KEYS = ("B", "b", "strength")
