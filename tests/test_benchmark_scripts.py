@@ -133,3 +133,36 @@ def test_distill_diffusers_trains_a_diffusers_teacher_distils_and_scores_it(tmp_
     for bad in (["--guidance", "4"], ["--methods", "lsd"], ["--n-samples", "3"]):
         with pytest.raises(SystemExit):
             distill.main(["--quick", "--out", str(tmp_path / "bad"), *bad])
+
+
+def test_steering_scores_every_method_against_the_exact_posterior(tmp_path, capsys):
+    """``--quick``: an LSD map trained through the CLI (then reused), every steering method on the exact and the
+    trained map, scored against exact posterior samples beside the floor; the 2-D figure; the images part skips
+    without its run."""
+    from flowmaps.steering import STEERERS
+
+    steering = _script("steering")
+    runs, out = tmp_path / "runs", tmp_path / "out" / "steering.md"
+    assert steering.main(["--quick", "--data", "8gaussians", "mix16", "--runs", str(runs), "--out", str(out),
+                          "--figures", str(tmp_path / "figures")]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    settings = {(r["data"], r["measurement"]) for r in rows}
+    assert settings == {("8gaussians", "proj s=0.3"), ("8gaussians", "proj s=0.1"), ("mix16", "proj s=0.3"),
+                        ("mix16", "proj s=0.1"), ("mix16", "inpaint:half s=0.1")}
+    scored = [r for r in rows if r["method"] != "exact posterior"]
+    assert {r["model"] for r in scored} == {"exact", "lsd"}
+    assert {r["method"].split(" ")[0] for r in scored} == set(STEERERS)
+    assert {r["method"] for r in scored} >= {"best-of-n (max)", "best-of-n (resample)"}
+    for r in scored:
+        assert r["nfe_per_particle"] <= r["budget"] == 16
+        assert r["nfe_per_sample"] == r["nfe_per_particle"] * r["particles"]
+        assert r["floor"] > 0 and r["ed"] >= 0 and abs(r["ratio"] - r["ed"] / r["floor"]) < 1e-9
+        assert 0 < r["ess"] <= 1 and r["seconds"] >= 0
+    assert out.read_text() in text and "| 8gaussians | proj s=0.1 | exact | smc | 16 |" in text
+    assert "best at 16 NFE per particle" in text and (tmp_path / "figures" / "steering-2d.png").is_file()
+    assert (runs / "mix16.json").is_file() and (runs / "lsd-mix16" / "model.safetensors").is_file()
+    assert steering.main(["--quick", "--data", "8gaussians", "--models", "lsd", "--runs", str(runs)]) == 0
+    assert "reusing the finished run" in capsys.readouterr().out
+    assert steering.main(["--images", "--quick", "--image-run", str(tmp_path / "absent")]) == 0
+    assert "skipped" in capsys.readouterr().out
