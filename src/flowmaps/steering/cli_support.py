@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 from flowmaps.conditions import Condition, labels_of, scale_of
+from flowmaps.data import data_fingerprint, get_data
+from flowmaps.data.sources import BUILTIN, MIXTURE_SUFFIXES
+from flowmaps.evaluation import classifier_data, uses_image_metrics
+from flowmaps.metrics import load_or_train_classifier
 from flowmaps.metrics.samples import energy_distance
 from flowmaps.oracle import GaussianMixture, PosteriorMixture
 from flowmaps.steering.base import STEERERS, SteeringError, check_count
@@ -138,9 +142,6 @@ def quadratic_reward(path: str, shape: tuple[int, ...]) -> QuadraticReward:
 def find_classifier(data_spec: str, shape: tuple[int, ...], device: torch.device) -> tuple[nn.Module, int]:
     """The run's in-project feature classifier, ``(FeatureCNN, num_classes)``, frozen and in eval mode:
     the one the image metrics use (found in, or trained into, the classifier cache)."""
-    from flowmaps.data import data_fingerprint, get_data
-    from flowmaps.evaluation import classifier_data, uses_image_metrics
-    from flowmaps.metrics import load_or_train_classifier
 
     if len(shape) != 3:
         raise RewardError(f"classifier:K needs an image run ([C, H, W] samples) whose data has a classifier; this "
@@ -181,7 +182,6 @@ def parse_reward(spec: str, data_spec: str, shape: tuple[int, ...], scale: float
 def run_mixture(data_spec: str, data_name: str, shape: tuple[int, ...]) -> Optional[GaussianMixture]:
     """The Gaussian mixture the run was trained on (a built-in mixture or a mixture spec file that is still
     where the run's config names it and matches the run), else ``None``: there is no exact reference."""
-    from flowmaps.data.sources import BUILTIN, MIXTURE_SUFFIXES, get_data
 
     if not (data_spec in BUILTIN or (Path(data_spec).suffix in MIXTURE_SUFFIXES and Path(data_spec).is_file())):
         return None
