@@ -169,7 +169,7 @@ def class_labels(spec: Optional[str], n: int, num_classes: int, device: torch.de
 
 def _sample(args: argparse.Namespace) -> int:
     from flowmaps.build import load_config, resolve_device
-    from flowmaps.files import atomic_write, write_json
+    from flowmaps.files import write_json, write_npy_atomic
     from flowmaps.memory import check_fits, out_of_memory
     from flowmaps.evaluation import sample_in_chunks
     from flowmaps.plots import save_image_grid
@@ -209,16 +209,8 @@ def _sample(args: argparse.Namespace) -> int:
         array = x.cpu().numpy()
     except (MemoryError, torch.OutOfMemoryError) as err:
         raise out_of_memory(err, request, device) from err
-    bad_rows = int((~np.isfinite(array.reshape(args.n, -1))).any(axis=1).sum())
-    if bad_rows:
-        raise FloatingPointError(f"{bad_rows} of {args.n} samples from {run_dir} ({model.provenance['weights']}) are "
-                                 f"non-finite (NaN or inf): the map overflows; nothing was written to {out}")
-
-    def save_array(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    atomic_write(out, save_array)
+    _refuse_nonfinite(array, f"samples from {run_dir} ({model.provenance['weights']})", out)
+    write_npy_atomic(out, array)
     name = "ode_euler" if sampler is None else sampler.name
     source = model.provenance
     meta = {"run": str(run_dir), "sampler": name, "method_sampler": model.sampler, "nfe": args.nfe, "rho": args.rho,
@@ -231,6 +223,14 @@ def _sample(args: argparse.Namespace) -> int:
         save_image_grid(x, out.with_suffix(".png"))
     print(f"flowmaps: wrote {args.n} samples ({name}, {args.nfe} NFE) to {out} (metadata {out.with_suffix('.json')})")
     return 0
+
+
+def _refuse_nonfinite(array: np.ndarray, what: str, out: Path) -> None:
+    """Refuse to write samples with a NaN or inf in any row (``what`` names them)."""
+    bad_rows = int((~np.isfinite(array.reshape(array.shape[0], -1))).any(axis=1).sum())
+    if bad_rows:
+        raise FloatingPointError(f"{bad_rows} of {array.shape[0]} {what} are non-finite (NaN or inf): the map "
+                                 f"overflows; nothing was written to {out}")
 
 
 def _steering_output(args: argparse.Namespace) -> Path:
@@ -275,7 +275,7 @@ def _steering_run(args: argparse.Namespace, setup: dict[str, Any], reward: Any, 
                   extra_files: dict[str, np.ndarray]) -> int:
     """Steer, then write the samples, ``extra_files`` (``<out stem>.<name>.npy``), the metrics JSON, an image
     grid for image runs, and the exact reference's energy distance for a mixture run; print one line."""
-    from flowmaps.files import atomic_write, write_json
+    from flowmaps.files import write_json, write_npy_atomic
     from flowmaps.memory import check_fits, out_of_memory
     from flowmaps.plots import save_image_grid
     from flowmaps.steering import LinearGaussianLikelihood, QuadraticReward, steer
@@ -294,10 +294,7 @@ def _steering_run(args: argparse.Namespace, setup: dict[str, Any], reward: Any, 
         raise out_of_memory(err, request, device) from err
     seconds = time.perf_counter() - start
     array = result.samples.detach().cpu().numpy()
-    bad_rows = int((~np.isfinite(array.reshape(args.n, -1))).any(axis=1).sum())
-    if bad_rows:
-        raise FloatingPointError(f"{bad_rows} of {args.n} steered samples from {run_dir} are non-finite (NaN or inf); "
-                                 f"nothing was written to {out}")
+    _refuse_nonfinite(array, f"steered samples from {run_dir}", out)
     exact: dict[str, Any] = {}
     mixture = run_mixture(setup["cfg"].data.name, setup["info"].name, shape)
     if mixture is not None and isinstance(reward, LinearGaussianLikelihood) and args.n > 1:
@@ -306,22 +303,15 @@ def _steering_run(args: argparse.Namespace, setup: dict[str, Any], reward: Any, 
             exact = {"exact_reference": None, "exact_reference_note": what}
         else:
             a, y, s = reward.dense()
-            target = (prior.tilted(a, y, s**-2) if isinstance(reward, QuadraticReward)
-                      else prior.posterior(a, y, s))
+            target = prior.posterior(a, y, s)  # a quadratic reward's tilt: s = 1 / sqrt(lambda) (spec §9)
             kind = "tilt" if isinstance(reward, QuadraticReward) else "posterior"
             exact = {"exact_reference": f"the exact {kind} of {what}", **exact_scores(result.samples, target, args.seed)}
 
-    def save(value: np.ndarray) -> Any:
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, value)
-        return write
-
-    atomic_write(out, save(array))
+    write_npy_atomic(out, array)
     files = {}
     for name, value in extra_files.items():
         path = out.with_name(f"{out.stem}.{name}.npy")
-        atomic_write(path, save(value))
+        write_npy_atomic(path, value)
         files[f"{name}_file"] = str(path)
     source, labels = model.provenance, setup["labels"]
     summary = {**result.metrics(), "command": args.command, "run": str(run_dir), "method": result.extra.get(

@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
+
 PathLike = Union[str, Path]
 JSON_LIMIT = 16 * 2**20  # bytes: the largest JSON file flowmaps reads back (manifests, status, metadata)
 
@@ -126,6 +128,15 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     """``data`` as the whole content of ``path``, atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_npy_atomic(path: PathLike, array: Any) -> None:
+    """``array`` as a ``.npy`` file at ``path`` (no pickles), atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

@@ -266,10 +266,7 @@ class GaussianMixture:
     def tilted(self, matrix: ArrayLike, target: ArrayLike, strength: float) -> PosteriorMixture:
         """The prior tilted by a quadratic reward, ``p(x) exp(-strength |B x - b|^2 / 2)`` normalised:
         the posterior with ``A = B``, ``y = b`` and ``s_y = 1 / sqrt(strength)`` (spec §9)."""
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
-                math.isfinite(strength) and strength > 0):
-            raise ValueError(f"the tilt strength must be a positive finite number; got {strength!r}")
-        return self.posterior(matrix, target, 1.0 / math.sqrt(strength))
+        return self.posterior(matrix, target, 1.0 / math.sqrt(check_noise_std(strength, "the tilt strength")))
 
     # ----- flow map ---------------------------------------------------------------------------
     def flow_map(self, x: torch.Tensor, s: TimeLike, t: TimeLike, cond: torch.Tensor | None = None,

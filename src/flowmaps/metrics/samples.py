@@ -254,7 +254,7 @@ def flow_map_error(
     own device. The denominator is the mean squared length of the exact jump, so the error is 0
     for the exact map and 1 for the identity ``F(x, s, t) = x``; ``mean`` averages the pairs.
     """
-    device, dtype = _module_device(model), _module_dtype(model)
+    device, dtype = module_device(model), _module_dtype(model)
     if not isinstance(reference, FlowMapReference):
         reference = flow_map_reference(reference, device=device)
     per_pair: dict[tuple[float, float], float] = {}
@@ -268,7 +268,8 @@ def flow_map_error(
     return FlowMapError(sum(per_pair.values()) / len(per_pair), per_pair)
 
 
-def _module_device(model: nn.Module) -> torch.device:
+def module_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a module without parameters)."""
     param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
 

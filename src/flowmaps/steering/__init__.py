@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flowmaps.conditions import Condition
+from flowmaps.metrics.samples import module_device
 from flowmaps.steering import best_of_n, posterior_guidance, tilting  # noqa: F401  (registers the samplers)
 from flowmaps.steering.base import (
     STEERERS,
@@ -80,7 +81,7 @@ def steer(model: nn.Module, reward: Reward, n: int, method: Union[str, Steerer] 
     if cond is not None and (getattr(cond, "shape", (None,))[0] != n):
         raise SteeringError(f"cond must give one condition per sample, [{n}]; got {tuple(cond.shape)}")
     steps = steerer.steps_for(nfe, particles)
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = module_device(model)
     noise = torch.randn(n * particles, *shape, generator=generator, device=device)
     result = steerer.run(model, reward, noise, Particles.start(n, particles, cond, device), steps, generator)
     result.extra.setdefault("method", steerer.name)

@@ -67,18 +67,23 @@ class Particles:
         return cls(groups, size, None if cond is None else cond[rows],
                    torch.zeros(groups * size, dtype=torch.float64, device=device))
 
-    def ess(self) -> torch.Tensor:
-        """Each group's effective sample size ``(sum w)^2 / sum w^2`` over ``K``, ``[n]``."""
-        w = torch.softmax(self.log_w.view(self.groups, self.size), dim=1)
+    def weights(self) -> torch.Tensor:
+        """The normalised weights of each group, ``[n, K]``."""
+        return torch.softmax(self.log_w.view(self.groups, self.size), dim=1)
+
+    def ess(self, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each group's effective sample size ``(sum w)^2 / sum w^2`` over ``K``, ``[n]`` (of ``w``, the
+        normalised weights, when given)."""
+        w = self.weights() if w is None else w
         return 1.0 / (w.pow(2).sum(1) * self.size)
 
     def resample(self, threshold: float, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
         """Systematic resampling of the groups whose ESS fraction is below ``threshold``: the row index
         of each particle's parent (``None`` when no group resamples); their log-weights return to 0."""
-        low = self.ess() < threshold
+        w = self.weights()
+        low = self.ess(w) < threshold
         if not bool(low.any()):
             return None
-        w = torch.softmax(self.log_w.view(self.groups, self.size), dim=1)
         u = (torch.rand(self.groups, 1, generator=generator, device=w.device, dtype=w.dtype)
              + torch.arange(self.size, device=w.device, dtype=w.dtype)) / self.size
         picks = torch.searchsorted(w.cumsum(1), u).clamp_(max=self.size - 1)
@@ -90,9 +95,8 @@ class Particles:
 
     def choose(self, generator: Optional[torch.Generator]) -> torch.Tensor:
         """One row per group, drawn in proportion to the weights: ``[n]`` row indices."""
-        w = torch.softmax(self.log_w.view(self.groups, self.size), dim=1)
-        picks = torch.multinomial(w, 1, generator=generator)[:, 0]
-        return picks + torch.arange(self.groups, device=w.device) * self.size
+        picks = torch.multinomial(self.weights(), 1, generator=generator)[:, 0]
+        return picks + torch.arange(self.groups, device=picks.device) * self.size
 
 
 class Steerer(ABC):
