@@ -194,3 +194,16 @@ def test_guided_conditions_reach_every_particle():
     steer(Recording(), ZERO, 3, "smc", nfe=12, particles=4, cond=cond, generator=_gen(14))
     assert all(isinstance(c, Guided) and c.labels.tolist() == [0] * 4 + [1] * 8 and
                c.scale.tolist() == [1.0] * 4 + [2.0] * 4 + [3.0] * 4 for c in seen)
+
+
+def test_fmtt_jarzynski_weights_without_noise_are_exact_importance_weights():
+    """eta = 0 on the exact map: r(F(x_t, t, 0)) is constant along each path, so FMTT's Jarzynski weights
+    sum to r(x0) and its particles are importance-resampled prior samples: more particles, closer to the
+    exact posterior."""
+    n = 300
+    post = SQUARE.posterior(A, Y, NOISE)
+    ref = post.sample(n, _gen(15))
+    floor = sum(energy_distance(post.sample(n, _gen(16 + i)), ref) for i in range(3)) / 3
+    dist = {k: energy_distance(steer(exact_model(), LIKELIHOOD, n, "fmtt", nfe=6, particles=k, eta=0.0,
+                                     generator=_gen(17)).samples, ref) for k in (1, 64)}
+    assert dist[64] < 3 * floor < dist[1], (dist, floor)
