@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from flowmaps import metrics, runs
-from flowmaps.build import build_model
+from flowmaps.build import build_model, config_from_dict, resolve_config
 from flowmaps.data import get_data
 from flowmaps.methods import LossContext, build_method
 from flowmaps.plots import plot_panels
@@ -53,7 +53,6 @@ from flowmaps.samplers import check_rho, sample_flow_map, sample_ode, time_grid
 from flowmaps.schedules import get_schedule
 from flowmaps.train.checkpoint import load_weights, save_weights
 from flowmaps.train.config import GuardConfig, apply_override, read_config_file, save_config
-from flowmaps.build import config_from_dict
 from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceGuard
 from flowmaps.train.loop import make_optimizer
@@ -120,6 +119,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = config_from_dict(values)
     if cfg.data.name != "checkerboard":
         raise SystemExit(f"the record is defined on the checkerboard; the config says data.name={cfg.data.name!r}")
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device("cpu")
+    data = get_data(cfg.data.name, seed=cfg.train.seed)
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    method = build_method(cfg.method["name"], get_schedule(cfg.train.schedule), **options)
+    cfg = resolve_config(cfg, data.shape, method)  # what it trains with, recorded in full
     try:
         rho = check_rho(args.sampler_rho if args.sampler_rho is not None else cfg.method.get("grid_rho", 1.0),
                         "--sampler-rho")
@@ -130,11 +135,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     save_config(cfg, out / runs.CONFIG_FILE)
     (out / runs.DATA_INFO_FILE).write_text(json.dumps({"dim": 2, "name": "checkerboard"}))
 
-    torch.manual_seed(cfg.train.seed)
-    device = torch.device("cpu")
-    data = get_data(cfg.data.name, seed=cfg.train.seed)
-    options = {k: v for k, v in cfg.method.items() if k != "name"}
-    method = build_method(cfg.method["name"], get_schedule(cfg.train.schedule), **options)
     model = build_model(cfg, data.dim).to(device)
     ema = EMA(model, cfg.optim.ema_decay)
     optimizer = make_optimizer(cfg, model.parameters())

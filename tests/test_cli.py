@@ -24,7 +24,7 @@ def test_train_writes_a_complete_run_directory(run_dir):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "lsd" and metrics["data"] == "checkerboard"
-    assert {"flow map, 1 step", "flow map, 8 steps", "ODE heun 4 steps"} <= set(metrics["samplers"])
+    assert {"flow map, 1 step", "flow map, 8 steps (grid rho 2)", "ODE heun 4 steps"} <= set(metrics["samplers"])
     assert "hist_kl" in metrics["samplers"]["flow map, 1 step"]
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 29 and "loss/lagrangian" in log[-1]

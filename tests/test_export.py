@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flowmaps
-from flowmaps.build import build_model, config_from_dict
+from flowmaps.build import build_model, config_from_dict, resolve_config
 from flowmaps.cli import main
 from flowmaps.samplers import sample_flow_map, sample_ode
 from tests.teachers import require_diffusers
@@ -96,7 +96,7 @@ def _pipeline(sampler: str, num_classes: int = 0, guidance_range=None):
     diffusers = require_diffusers()
     torch.manual_seed(0)
     model_section = {"width": 16, "depth": 1, "num_classes": num_classes, "guidance": guidance_range is not None}
-    cfg = config_from_dict({"model": model_section, "train": {"guidance_range": guidance_range}})
+    cfg = resolve_config(config_from_dict({"model": model_section, "train": {"guidance_range": guidance_range}}), (2,))
     model = build_model(cfg, (2,)).double()
     model.sampler = sampler
     config = {"model": cfg.model.to_dict(), "schedule": "linear", "run": {}, "guidance_range": guidance_range}

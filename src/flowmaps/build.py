@@ -7,19 +7,20 @@ registry (``flowmaps.methods``), both raising ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.memory import check_fits
-from flowmaps.methods import build_method
-from flowmaps.nets import build_backbone, resolve_backbone_options
+from flowmaps.methods import Method, build_method
+from flowmaps.nets import backbone_entry, build_backbone, resolve_backbone_options
 from flowmaps.schedules import get_schedule
 from flowmaps.train import tensorboard
-from flowmaps.train.config import Config, ConfigError, parse_config, read_config_file
+from flowmaps.train.config import DEFAULT_LR, Config, ConfigError, parse_config, read_config_file
 
 
 def check_backbone(cfg: Config) -> None:
@@ -56,6 +57,46 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 def load_config(path: Union[str, Path]) -> Config:
     """The checked ``Config`` of a YAML or TOML file."""
     return config_from_dict(read_config_file(path))
+
+
+def resolve_config(cfg: Config, shape: tuple[int, ...], method: Optional[Method] = None) -> Config:
+    """``cfg`` with the defaults that depend on the method, the backbone and the data filled in: the
+    ``backbone_defaults`` of the built ``method`` for ``cfg``'s backbone where the config leaves them
+    unset, every backbone option (shape-dependent ones resolved for samples of ``shape``), ``optim.lr``
+    (else ``DEFAULT_LR``) and every method option. A run records this, so a later change of a default
+    cannot alter what it means."""
+    tuned = dict(type(method).backbone_defaults.get(cfg.model.backbone, {})) if method is not None else {}
+    tuned_lr = tuned.pop("lr", DEFAULT_LR)
+    options = resolve_backbone_options(cfg.model.backbone, {**tuned, **cfg.model.options}).resolved(tuple(shape))
+    lr = cfg.optim.lr if cfg.optim.lr is not None else tuned_lr
+    section = cfg.method if method is None else {"name": cfg.method["name"], **dataclasses.asdict(method.options)}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, options=dataclasses.asdict(options)),
+                               optim=dataclasses.replace(cfg.optim, lr=lr), method=section)
+
+
+def recorded_model(model: Any) -> Any:
+    """A recorded ``model`` section (a run's ``config.yaml``, an export's config). Runs record every
+    backbone option (``resolve_config``); a record that lacks some predates that, and its missing options
+    take the defaults it trained with (the backbone's ``legacy``)."""
+    section = {"backbone": model} if isinstance(model, str) else dict(model) if isinstance(model, dict) else {}
+    try:
+        options = backbone_entry(section.get("backbone", "mlp")).options
+    except ValueError:
+        return model  # an unknown backbone: config_from_dict names it
+    if {f.name for f in dataclasses.fields(options)} <= section.keys():
+        return model
+    return {**options.legacy, **section}
+
+
+def read_run_config(path: Union[str, Path]) -> dict[str, Any]:
+    """The sections of a run directory's ``config.yaml`` at ``path``, its model as ``recorded_model``."""
+    values = read_config_file(path)
+    return {**values, "model": recorded_model(values.get("model"))}
+
+
+def load_run_config(path: Union[str, Path]) -> Config:
+    """The checked ``Config`` of a run directory's ``config.yaml`` (``read_run_config``)."""
+    return config_from_dict(read_run_config(path))
 
 
 def build_model(cfg: Config, shape: Union[int, tuple[int, ...]]) -> FlowMap:

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from flowmaps.build import config_from_dict
+from flowmaps.build import config_from_dict, read_run_config
 from flowmaps.methods import method_names
 from flowmaps.samplers import SAMPLERS
 from flowmaps.train.config import Config, ConfigError, apply_override, read_config_file
@@ -62,7 +62,7 @@ def _resume_config(args: argparse.Namespace) -> tuple[Path, Config]:
                          f"{', '.join(given)}")
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a flowmaps run directory (no {CONFIG_FILE}) and cannot be resumed")
-    values = read_config_file(run_dir / CONFIG_FILE)
+    values = read_run_config(run_dir / CONFIG_FILE)
     for key, value in (("steps", args.steps), ("device", args.device)):
         if value is not None:
             values.setdefault("train", {})[key] = value
@@ -168,7 +168,7 @@ def class_labels(spec: Optional[str], n: int, num_classes: int, device: torch.de
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from flowmaps.build import load_config, resolve_device
+    from flowmaps.build import load_run_config, resolve_device
     from flowmaps.files import write_json, write_npy_atomic
     from flowmaps.memory import check_fits, out_of_memory
     from flowmaps.evaluation import sample_in_chunks
@@ -179,7 +179,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.nfe < 1 or args.n < 1:
         raise ValueError(f"--nfe and --n must be positive; got --nfe {args.nfe}, --n {args.n}")
-    grid = time_grid(args.nfe, rho=args.rho)  # checks --rho before the model loads
+    if args.rho is not None:
+        time_grid(args.nfe, rho=args.rho)  # checks --rho before the model loads
     device = resolve_device(args.device)
     out = Path(args.out if args.out.endswith(".npy") else f"{args.out}.npy")
     if out.is_dir():
@@ -189,7 +190,9 @@ def _sample(args: argparse.Namespace) -> int:
     sampler = None if args.ode else get_sampler(args.sampler or model.sampler)
     if sampler is not None:
         sampler.check_steps(args.nfe)
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_run_config(run_dir / CONFIG_FILE)
+    rho = args.rho if args.rho is not None else model.grid_rho  # the grids it was trained on
+    grid = time_grid(args.nfe, rho=rho)
     shape = data_info(run_dir).shape
     labels = class_labels(args.classes, args.n, model.num_classes, device)
     cond = labels if args.guidance is None else guided_condition(labels, args.guidance, model)
@@ -203,7 +206,7 @@ def _sample(args: argparse.Namespace) -> int:
             if sampler is None:
                 x = sample_in_chunks(lambda z, c: sample_ode(model, z, grid, "euler", c), noise, cond)
             else:
-                x = sample_in_chunks(lambda z, c: sampler.sample(model, z, args.nfe, c, rho=args.rho,
+                x = sample_in_chunks(lambda z, c: sampler.sample(model, z, args.nfe, c, rho=rho,
                                                                  schedule=get_schedule(cfg.train.schedule),
                                                                  generator=gen), noise, cond)
         array = x.cpu().numpy()
@@ -213,7 +216,7 @@ def _sample(args: argparse.Namespace) -> int:
     write_npy_atomic(out, array)
     name = "ode_euler" if sampler is None else sampler.name
     source = model.provenance
-    meta = {"run": str(run_dir), "sampler": name, "method_sampler": model.sampler, "nfe": args.nfe, "rho": args.rho,
+    meta = {"run": str(run_dir), "sampler": name, "method_sampler": model.sampler, "nfe": args.nfe, "rho": rho,
             "n": args.n, "seed": args.seed, "weights": "raw" if args.raw else "ema", "weights_file": source["weights"],
             "run_id": source["run_id"], "config_hash": source["config_hash"], "run_state": source["state"],
             "shape": list(shape), "classes": None if labels is None else labels.cpu().tolist(),
@@ -243,7 +246,7 @@ def _steering_output(args: argparse.Namespace) -> Path:
 def _steering_setup(args: argparse.Namespace) -> dict[str, Any]:
     """What both steering commands check and load before their reward: the sampler's options and particles
     (checked before the model loads), the run's model, config, sample shape and condition."""
-    from flowmaps.build import load_config, resolve_device
+    from flowmaps.build import load_run_config, resolve_device
     from flowmaps.runs import CONFIG_FILE, data_info, load
     from flowmaps.schedules import get_schedule
     from flowmaps.steering import build_steerer
@@ -260,7 +263,7 @@ def _steering_setup(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     run_dir = Path(args.run_dir)
     model = load(run_dir, ema=not args.raw, device=device, allow_unfinished=args.allow_unfinished)
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_run_config(run_dir / CONFIG_FILE)
     info = data_info(run_dir)
     options = method_options(args.method, given, get_schedule(cfg.train.schedule))
     steerer = build_steerer(args.method, **options)
@@ -374,8 +377,11 @@ def _methods(args: argparse.Namespace) -> int:
               f"sampler {row['sampler']}\n\n{'option':<22}{'default':<22}meaning")
         for key in sorted(defaults):
             print(f"{key:<22}{str(defaults[key]):<22}{docs.get(key, '')}")
-        for preset, values in get_method_class(args.name).presets.items():
+        cls = get_method_class(args.name)
+        for preset, values in cls.presets.items():
             print(f"preset {preset}: {values}")
+        for backbone, values in cls.backbone_defaults.items():
+            print(f"on the {backbone} backbone, unless the config sets them (optim.lr, model options): {values}")
         return 0
     rows = describe_methods()
     print(f"{'name':<15}{'rule':<15}{'setting':<19}{'cost':>5}  {'sampler':<13}summary")
@@ -535,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npy file")
-    p.add_argument("--rho", type=float, default=1.0,
-                   help="steps on the grid t_k = (1 - k/N)^RHO (1: uniform; 2-2.5 packs them towards the data)")
+    p.add_argument("--rho", type=float,
+                   help="steps on the grid t_k = (1 - k/N)^RHO (1: uniform; 2-2.5 packs them towards the data; "
+                        "default: the method's grid_rho, the grids its grid distillation trained, else 1)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS),
                    help="override the method's own sampler (flow_map composes F; consistency jumps to data and "
                         "re-noises; one_step takes F(eps, 1, 0)); written into the output's .json metadata")

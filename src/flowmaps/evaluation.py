@@ -147,15 +147,15 @@ def evaluate(
     """Metrics of ``model``'s samples (module docstring), with the floor of two exact data samples.
 
     ``sampler`` is the method's own (``flowmaps.samplers.SAMPLERS``), run at every ``cfg.nfe`` it
-    supports on the grid ``time_grid(k, rho=cfg.grid_rho)``; ``consistency`` re-noises with
+    supports on the grid ``time_grid(k, rho=cfg.grid_rho)`` (None: 1; the trainer passes the method's own); ``consistency`` re-noises with
     ``schedule`` between steps. Samplers whose map has a trained diagonal (``flow_map``) add the
     diagonal's ODE baseline. ``fingerprint`` names the data for the classifier cache (image metrics).
     Returns ``(metrics, panels)``; ``panels`` maps panel names (``data``, ``1 step``, ...,
     ``ODE heun (64 NFE)``) to CPU tensors to plot: points, or for images one row per class.
     """
-    chosen = get_sampler(sampler)
+    chosen, rho = get_sampler(sampler), cfg.sampling_rho(None)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
-    n = cfg.n_samples
+    n = cfg.sample_count(data.shape)
     reference, second = data.sample(n, gen), data.sample(n, gen)
     reference, second = Batch(reference.x0.cpu(), _cpu(reference.cond)), Batch(second.x0.cpu(), _cpu(second.cond))
     conditional = getattr(model, "num_classes", 0) > 0
@@ -170,9 +170,9 @@ def evaluate(
     shown = panel_rows(_cpu(labels), n) if len(data.shape) == 3 else torch.arange(n)
     panels = {"data": reference.x0[shown]}  # row i: data of the class samples of row i were made for
     for k in [k for k in cfg.nfe if chosen.max_steps is None or k <= chosen.max_steps]:
-        x = sample_in_chunks(lambda z, c: chosen.sample(model, z, k, c, rho=cfg.grid_rho, schedule=schedule,
+        x = sample_in_chunks(lambda z, c: chosen.sample(model, z, k, c, rho=rho, schedule=schedule,
                                                         generator=gen), noise, labels)
-        results[chosen.label(k, cfg.grid_rho)] = {"nfe": k, **scorer(x, _cpu(labels))}
+        results[chosen.label(k, rho)] = {"nfe": k, **scorer(x, _cpu(labels))}
         panels[f"{k} step{'s' if k > 1 else ''}"] = x[shown]
     if chosen.ode_baseline:
         x = sample_in_chunks(lambda z, c: sample_ode(model, z, cfg.ode_steps, cfg.ode_solver, c), noise, labels)

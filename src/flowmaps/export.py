@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from flowmaps.build import build_model, config_from_dict, load_config
+from flowmaps.build import build_model, config_from_dict, load_run_config, recorded_model
 from flowmaps.files import read_json, write_json
 from flowmaps.flow_map import FlowMap
 from flowmaps.conditions import Condition, guided
@@ -94,8 +94,8 @@ class FlowMapPipeline:
         if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
             raise ValueError(f"{root / 'flowmap' / FLOWMAP_CONFIG} is not a flow map config of format {FORMAT_VERSION}")
         scales = info.get("guidance_range")
-        model = build_model(config_from_dict({"model": info["model"], "train": {"guidance_range": scales}}),
-                            tuple(info["shape"]))
+        cfg = config_from_dict({"model": recorded_model(info["model"]), "train": {"guidance_range": scales}})
+        model = build_model(cfg, tuple(info["shape"]))
         load_weights(model, root / "flowmap" / WEIGHTS)
         model.sampler = info["sampler"]
         scheduler = getattr(diffusers, SCHEDULER).from_pretrained(root / "scheduler")
@@ -199,7 +199,7 @@ def export_diffusers(run_dir: Union[str, Path], out: Union[str, Path], ema: bool
         raise ValueError(f"--diffusers {out} exists and is not an empty folder or an earlier export; choose a new one")
     model = load(run_dir, ema=ema, allow_unfinished=allow_unfinished)
     _check_sampler(model.sampler)
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_run_config(run_dir / CONFIG_FILE)
     provenance = {k: model.provenance[k] for k in ("run_id", "config_hash", "weights", "state")}
     config = {"model": cfg.model.to_dict(), "schedule": cfg.train.schedule, "run": {"dir": str(run_dir), **provenance},
               "guidance_range": cfg.train.guidance_range}

@@ -47,7 +47,9 @@ class FlowMap(nn.Module):
     in ``[0, 1]`` and the labels ``cond`` to lie in the model's classes, which costs a device
     synchronisation, so training code passes ``False``.
     ``sampler`` names the sampler of the method that trained the map (``flowmaps.samplers.SAMPLERS``;
-    ``flowmaps.load`` sets it from the run), which ``flowmaps.samplers.sample`` uses. ``shape`` (one
+    ``flowmaps.load`` sets it from the run), which ``flowmaps.samplers.sample`` uses, on the grids
+    ``t_k = (1 - k/N)^grid_rho`` by default (``flowmaps.load`` sets the run's ``method.grid_rho``, the
+    grids its grid distillation trained; 1, uniform, for other methods). ``shape`` (one
     sample's shape) and ``num_classes`` (0: unconditional) say what the map was built for
     (``flowmaps.build.build_model`` sets them; ``num_classes`` defaults to the backbone's class
     embedding's), so a sampler can draw noise and check labels. ``cond`` may be a
@@ -62,6 +64,7 @@ class FlowMap(nn.Module):
         super().__init__()
         self.net = net
         self.sampler = sampler
+        self.grid_rho = 1.0
         self.shape = None if shape is None else tuple(shape)
         self.num_classes = num_classes or classes_of(net)
         self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))

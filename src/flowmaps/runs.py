@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import torch
 
-from flowmaps.build import build_model, load_config, resolve_device
+from flowmaps.build import build_model, load_run_config, resolve_device
 from flowmaps.files import read_json
 from flowmaps.flow_map import FlowMap
 from flowmaps.methods import get_method_class
@@ -135,7 +135,7 @@ def load(
             f"{run_dir} is not a finished run (status: {status.describe()}), so it has no final weights; "
             f"continue it with `flowmaps train --resume {run_dir}`, or load its newest checkpoint with "
             "allow_unfinished=True (flowmaps sample --allow-unfinished)")
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_run_config(run_dir / CONFIG_FILE)
     device = resolve_device(str(device))
     info = data_info(run_dir)
     if info.num_classes != cfg.model.num_classes:
@@ -143,6 +143,7 @@ def load(
                                 f"has model.num_classes = {cfg.model.num_classes}")
     model = build_model(cfg, info.shape).to(device)
     model.sampler = get_method_class(cfg.method["name"]).sampler
+    model.grid_rho = float(cfg.method.get("grid_rho", 1.0))  # the grids it trained on (a run records its options)
     name = EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE
     if status is None:
         load_weights(model, run_dir / name)

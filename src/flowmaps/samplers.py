@@ -291,8 +291,9 @@ class Sampler(ABC):
         """``steps`` network evaluations from ``noise`` (at ``t = 1``) to data."""
 
     def label(self, steps: int, rho: float = 1.0) -> str:
-        """How a table names this sampler at ``steps`` steps."""
-        grid = f" (grid rho {rho:g})" if rho != 1 else ""
+        """How a table names this sampler at ``steps`` steps (with the grid's ``rho`` where it matters:
+        every grid of one step is ``[1, 0]``)."""
+        grid = f" (grid rho {rho:g})" if rho != 1 and steps > 1 else ""
         return f"{self.name.replace('_', ' ')}, {steps} step{'s' if steps > 1 else ''}{grid}"
 
 
@@ -365,7 +366,7 @@ class ODESampler(Sampler):
         return sample_ode(model, noise, time_grid(steps, noise.device, noise.dtype, rho), "euler", cond)
 
     def label(self, steps: int, rho: float = 1.0) -> str:
-        grid = f" (grid rho {rho:g})" if rho != 1 else ""
+        grid = f" (grid rho {rho:g})" if rho != 1 and steps > 1 else ""
         return f"ODE euler, {steps} step{'s' if steps > 1 else ''}{grid}"
 
 
@@ -392,9 +393,11 @@ def get_sampler(name: str) -> Sampler:
 
 
 def sample(model: nn.Module, noise: torch.Tensor, steps: int = 1, cond: Optional[torch.Tensor] = None,
-           sampler: Optional[str] = None, rho: float = 1.0, schedule: Optional[Schedule] = None,
+           sampler: Optional[str] = None, rho: Optional[float] = None, schedule: Optional[Schedule] = None,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Samples of ``model`` with its own sampler (``model.sampler``, set by ``flowmaps.load`` from the
-    method that trained it; ``flow_map`` for a plain ``FlowMap``) or the one named by ``sampler``."""
+    method that trained it; ``flow_map`` for a plain ``FlowMap``) or the one named by ``sampler``, on
+    the grid ``time_grid(steps, rho)``; ``rho=None`` takes the model's ``grid_rho`` (1 for a plain map)."""
     chosen = get_sampler(sampler if sampler is not None else getattr(model, "sampler", FlowMapSampler.name))
+    rho = rho if rho is not None else float(getattr(model, "grid_rho", 1.0))
     return chosen.sample(model, noise, steps, cond, rho, schedule, generator)

@@ -10,7 +10,7 @@ from flowmaps.samplers import time_grid
 from tests.methods.exact_checks import assert_rejects, assert_restoring, loss_and_grad
 from tests.methods.exact_models import exact_model
 
-GRID = dict(diagonal_fraction=0.5, grid_fraction=0.5, grid_substeps=4, grid_levels=3)
+GRID = dict(preset="paper", diagonal_fraction=0.5, grid_fraction=0.5, grid_substeps=4, grid_levels=3)
 
 
 def test_dyadic_jumps_are_the_steps_of_uniform_grids():

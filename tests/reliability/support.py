@@ -18,7 +18,7 @@ from tests.train.tiny import tiny_values
 TINY = ["--steps", "12", "--batch-size", "64", "--no-progress", "--set", "model.width=16", "--set", "model.depth=1",
         "--set", "optim.warmup_steps=2", "--set", "eval.n_samples=256", "--set", "eval.ode_steps=2",
         "--set", "eval.nfe=[1]", "--set", "train.log_every=4", "--set", "checkpoint.every=4",
-        "--set", "checkpoint.keep_last=2"]
+        "--set", "checkpoint.keep_last=2", "--set", "checkpoint.keep_best=false"]  # the two newest checkpoints alone
 
 
 def tiny(data: Optional[Path] = None, **sections: dict[str, Any]):

@@ -100,7 +100,7 @@ def test_damaged_final_artefacts_are_named(finished, tmp_path, damage, message):
         reseal_manifest(run)
     elif damage == "config":
         text = (run / "config.yaml").read_text()
-        (run / "config.yaml").write_text(text.replace("lr: 0.002", "lr: 0.003"))
+        (run / "config.yaml").write_text(text.replace("lr: 0.005", "lr: 0.006"))
     else:
         ema.write_bytes(b"\x00" * 16)
     with pytest.raises((CheckpointError, RunDirectoryError), match=message):

@@ -176,8 +176,8 @@ def test_a_divergence_of_a_fused_jvp_method_is_reported_not_a_traceback(tmp_path
     (["--set", "optim.lr=[1,2"], "cannot parse the value of --set optim.lr=[1,2"),
     (["--device", "cuda:abc"], "train.device must be auto, cpu, cuda or cuda:N (N a device index); got 'cuda:abc'"),
     (["--set", "model.width=1000000000", "--set", "model.depth=3"],
-     "a mlp model ({'backbone': 'mlp', 'num_classes': 0, 'width': 1000000000, 'depth': 3}) on data of shape [2] "
-     "needs at least"),
+     "a mlp model ({'backbone': 'mlp', 'num_classes': 0, 'width': 1000000000, 'depth': 3, 'num_freqs': 0, "
+     "'max_freq': 8.0, 'x_features': 128, 'x_scale': 0.5, 'class_dim': 16}) on data of shape [2] needs at least"),
 ])
 def test_bad_train_arguments(tmp_path, capsys, args, message):
     assert main(["train", "--out", str(tmp_path / "run"), *TINY, *args]) == 2

@@ -27,7 +27,7 @@ class Faulty(Method):
     def __init__(self, inner: Method, nan_steps: Iterable[int] = (), grad_nan_steps: Iterable[int] = (),
                  sigterm_step: Optional[int] = None, spike_steps: Iterable[int] = ()):
         super().__init__(inner.schedule)
-        self.inner, self.name = inner, inner.name
+        self.inner, self.name, self.options = inner, inner.name, inner.options
         self.nan_steps, self.grad_nan_steps, self.spike_steps = set(nan_steps), set(grad_nan_steps), set(spike_steps)
         self.sigterm_step = sigterm_step
         self.visited: set[int] = set()

@@ -90,6 +90,9 @@ class Method(ABC):
     sampler: str = "flow_map"
     Options: ClassVar[type[Options]] = NoOptions
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # what the method's defaults were tuned with, per backbone: {backbone: {"lr": optim.lr, option: value}};
+    # a config that leaves optim.lr or one of those backbone options unset takes them (flowmaps.build.resolve_config)
+    backbone_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # options under which the loss is consistent, so that the exact flow map is its fixed point (a step
     # shrunk to its limit, an auxiliary task switched off); the registry-driven tests check it there
     exact_limit: ClassVar[dict[str, Any]] = {}

@@ -142,8 +142,8 @@ class GridOptions(Options):
         weights = self.grid_level_weights
         require(weights is None or (len(weights) == self.grid_levels + 1 and all(w >= 0 for w in weights)
                                     and sum(weights) > 0), method, "grid_level_weights",
-                f"be {self.grid_levels + 1} non-negative numbers (one per level 0..grid_levels={self.grid_levels}), "
-                "not all zero", weights)
+                f"be {self.grid_levels + 1} non-negative numbers (one per level 0..grid_levels={self.grid_levels}, "
+                "not all zero; set it with grid_levels)", weights)
 
 
 @dataclass

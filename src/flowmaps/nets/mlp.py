@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
@@ -176,6 +177,12 @@ class MLP(nn.Module):
         return primal, tangent
 
 
+# x_features=None: random Fourier features for low-dimensional samples alone (the 2-D sets), where sharp
+# edges need them (LSD's MLP default; docs/benchmarks.md, "The default experiment")
+LOW_DIM = 4
+AUTO_X_FEATURES = 128
+
+
 @dataclass
 class MLPOptions(BackboneOptions):
     """Options of the ``mlp`` backbone (``MLP``)."""
@@ -185,9 +192,18 @@ class MLPOptions(BackboneOptions):
     depth: int = option(3, "hidden layers", within="[1, inf)")
     num_freqs: int = option(0, "Fourier features of each time (0: the raw time alone)", within="[0, inf)")
     max_freq: float = option(8.0, "highest time frequency", within="(0, inf)")
-    x_features: int = option(0, "random Fourier features of x (Tancik et al. 2020; 0: x alone)", within="[0, inf)")
-    x_scale: float = option(1.0, "scale of the random Fourier features of x", within="(0, inf)")
+    x_features: Optional[int] = option(0, "random Fourier features of x (Tancik et al. 2020; 0: x alone; None: "
+                                       f"{AUTO_X_FEATURES} for samples of at most {LOW_DIM} values, else 0)",
+                                       within="[0, inf)")
+    x_scale: float = option(0.5, "scale of the random Fourier features of x", within="(0, inf)")
     class_dim: int = option(16, "width of the class embedding (model.num_classes > 0)", within="[1, inf)")
+
+    legacy: ClassVar[dict[str, Any]] = {"x_scale": 1.0}
+
+    def resolved(self, shape: tuple[int, ...]) -> "MLPOptions":
+        if self.x_features is not None:
+            return self
+        return dataclasses.replace(self, x_features=AUTO_X_FEATURES if math.prod(shape) <= LOW_DIM else 0)
 
 
 @register_backbone("mlp", MLPOptions)

@@ -1,14 +1,15 @@
 """Name -> backbone, chosen by ``model.backbone``, with its options validated by name.
 
-A backbone registers a builder ``build(options, shape, num_classes) -> nn.Module`` and its options
-class (a ``BackboneOptions`` dataclass of ``option(...)`` fields): the network ``net(x, s, t,
-cond=None) -> V`` predicts the average velocity, shaped like ``x`` of shape ``[B, *shape]``, for
-``FlowMap`` to wrap. ``num_classes > 0`` makes it class-conditional (``cond`` a ``[B]`` integer
-tensor, ``-1`` or ``cond=None`` the null class of classifier-free training; ``nets.embeddings.
-ClassEmbedding``). Every option of the ``model`` section other than ``backbone`` and
-``num_classes`` is the backbone's and is checked against its options class (an unknown name or bad
-value is a ``ValueError`` naming it). ``tiny`` gives the options of a small instance, which the
-registry-driven tests build. Registering is all a new backbone needs (``docs/extending.md``).
+A backbone registers a builder ``build(options, shape, num_classes) -> nn.Module`` (the options
+resolved for ``shape``, ``BackboneOptions.resolved``) and its options class (a ``BackboneOptions``
+dataclass of ``option(...)`` fields): the network ``net(x, s, t, cond=None) -> V`` predicts the
+average velocity, shaped like ``x`` of shape ``[B, *shape]``, for ``FlowMap`` to wrap.
+``num_classes > 0`` makes it class-conditional (``cond`` a ``[B]`` integer tensor, ``-1`` or
+``cond=None`` the null class of classifier-free training; ``nets.embeddings.ClassEmbedding``).
+Every option of the ``model`` section other than ``backbone`` and ``num_classes`` is the backbone's
+and is checked against its options class (an unknown name or bad value is a ``ValueError`` naming
+it). ``tiny`` gives the options of a small instance, which the registry-driven tests build.
+Registering is all a new backbone needs (``docs/extending.md``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ from flowmaps.train.config import ModelConfig
 @dataclass
 class BackboneOptions(Options):
     """Base of every backbone's options; ``tiny`` holds the values of a small test instance and
-    ``test_shape`` the sample shape the tests give it."""
+    ``test_shape`` the sample shape the tests give it. ``legacy`` holds the earlier defaults of options
+    whose default has changed: a run directory recorded before runs recorded every backbone option
+    trained with these (``flowmaps.build.recorded_model``)."""
 
     kind: ClassVar[str] = "backbone"
     tiny: ClassVar[dict[str, Any]] = {}
     test_shape: ClassVar[tuple[int, ...]] = (3,)
+    legacy: ClassVar[dict[str, Any]] = {}
+
+    def resolved(self, shape: tuple[int, ...]) -> "BackboneOptions":
+        """These options with every shape-dependent default (``None``) filled in for samples of ``shape``."""
+        return self
 
 
 BackboneBuilder = Callable[[Any, tuple[int, ...], int], nn.Module]
@@ -90,7 +98,8 @@ def build_backbone(model: ModelConfig, shape: tuple[int, ...]) -> nn.Module:
     with ``model.guidance`` its class embedding also takes the guidance scale (every backbone that
     embeds classes with ``ClassEmbedding`` gets it)."""
     entry = backbone_entry(model.backbone)
-    net = entry.build(resolve_backbone_options(model.backbone, model.options), tuple(shape), model.num_classes)
+    options = resolve_backbone_options(model.backbone, model.options).resolved(tuple(shape))
+    net = entry.build(options, tuple(shape), model.num_classes)
     if model.guidance:
         enable_guidance(net)
     return net

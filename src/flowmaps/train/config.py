@@ -127,10 +127,13 @@ class ModelConfig:
         return {"backbone": self.backbone, "num_classes": self.num_classes, **extra, **self.options}
 
 
+DEFAULT_LR = 2e-3
+
+
 @dataclass
 class OptimConfig:
     optimizer: str = "adam"  # adam | radam | adamw
-    lr: float = 2e-3
+    lr: Optional[float] = None  # None: the method's rate for the backbone (Method.backbone_defaults), else DEFAULT_LR
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -191,11 +194,21 @@ class GuidanceConfig:
 
 @dataclass
 class EvalConfig:
-    n_samples: int = 16384
+    n_samples: Optional[int] = None  # None: 65536 for vectors (Boffi et al.'s 64k histogram KL), 1000 for images
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     ode_steps: int = 32
     ode_solver: str = "heun"
-    grid_rho: float = 1.0  # flow-map steps on the grid t_k = (1 - k/N)^grid_rho (flowmaps.samplers.time_grid)
+    # flow-map steps on the grid t_k = (1 - k/N)^grid_rho (flowmaps.samplers.time_grid); None: the method's own
+    # grid_rho (the grids its grid distillation trains), else 1
+    grid_rho: Optional[float] = None
+
+    def sampling_rho(self, method_options: Any) -> float:
+        """``grid_rho``, or where it is None the method's own ``grid_rho`` (1 for methods without one)."""
+        return self.grid_rho if self.grid_rho is not None else float(getattr(method_options, "grid_rho", 1.0))
+
+    def sample_count(self, shape: tuple[int, ...]) -> int:
+        """``n_samples``, or where it is None 65536 for vector data and 1000 for images (``shape``: one sample's)."""
+        return self.n_samples if self.n_samples is not None else 65536 if len(shape) == 1 else 1000
 
 
 @dataclass
@@ -277,7 +290,7 @@ def _validate(cfg: Config) -> None:
             full = f"{section}.{key}"
             if full in _CHOICES and value not in _CHOICES[full]:
                 raise ConfigError(f"{full} must be one of {_CHOICES[full]}; got {value!r}")
-            if full in _POSITIVE and not value > 0:
+            if full in _POSITIVE and value is not None and not value > 0:
                 raise ConfigError(f"{full} must be positive; got {value!r}")
             if full in _NON_NEGATIVE and value < 0:
                 raise ConfigError(f"{full} must be non-negative; got {value!r}")

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from flowmaps.build import build_model, load_config
+from flowmaps.build import build_model, load_run_config, resolve_config
 from flowmaps.data import DataSource, data_fingerprint, get_data
 from flowmaps.files import WriteError, describe_os_error, dumps, json_safe, read_json, write_json, write_text_atomic
 from flowmaps.evaluation import evaluate, metrics_table
@@ -189,6 +189,8 @@ class Trainer:
         schedule = get_schedule(cfg.train.schedule)
         teacher = self._teacher(device, schedule)
         self.method = build_method(cfg.method["name"], schedule, teacher=teacher, **options)
+        # the run records every option it trains with, so a later change of a default cannot alter its meaning
+        cfg = self.cfg = resolve_config(cfg, self.data.shape, self.method)
         self.model = build_model(cfg, self.data.shape).to(device)  # the plain FlowMap: saved, EMA'd, replayed
         self.model.sampler = self.method.sampler
         self.ema = EMA(self.model, cfg.optim.ema_decay)
@@ -291,7 +293,7 @@ class Trainer:
         return (previous.state == "finished" and previous.step == self.cfg.train.steps
                 and all((self.out_dir / f).is_file() for f in files)
                 and file_config_hash(self.out_dir) == previous.config_hash
-                and load_config(self.out_dir / CONFIG_FILE) == self.cfg)
+                and load_run_config(self.out_dir / CONFIG_FILE) == self.cfg)
 
     def _refuse_shrinking(self, done: int) -> None:
         raise RunDirectoryError(
@@ -619,7 +621,8 @@ class Trainer:
         save_weights_with_manifest(final, self.out_dir / WEIGHTS_MANIFEST_FILE, metadata)
         results: dict[str, Any] = {}
         if evaluate_at_end:
-            results, panels = evaluate(self.ema.model, self.data, self.cfg.eval, self.cfg.train.seed, self.dist.device,
+            eval_cfg = dataclasses.replace(self.cfg.eval, grid_rho=self.cfg.eval.sampling_rho(self.method.options))
+            results, panels = evaluate(self.ema.model, self.data, eval_cfg, self.cfg.train.seed, self.dist.device,
                                        self.method.sampler, self.method.schedule, self.described["data"])
             plot_panels(panels, self.out_dir / SAMPLES_FILE, metadata=identity,
                         title=f"{self.method.name} on {self.data.name}, {self.cfg.train.steps} steps")
