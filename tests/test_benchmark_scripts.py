@@ -63,7 +63,7 @@ def _exploding_record(tmp_path, monkeypatch, exploding_steps):
 
     class Exploding:
         def __init__(self, inner):
-            self.inner, self.options = inner, inner.options
+            self.inner, self.options, self.backbone_defaults = inner, inner.options, inner.backbone_defaults
 
         def loss(self, model, batch, generator, ctx):
             out = self.inner.loss(model, batch, generator, ctx)

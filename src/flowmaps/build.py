@@ -59,15 +59,18 @@ def load_config(path: Union[str, Path]) -> Config:
     return config_from_dict(read_config_file(path))
 
 
-def resolve_config(cfg: Config, shape: tuple[int, ...], method: Optional[Method] = None) -> Config:
-    """``cfg`` with the defaults that depend on the method, the backbone and the data filled in: the
-    ``backbone_defaults`` of the built ``method`` for ``cfg``'s backbone where the config leaves them
-    unset, every backbone option (shape-dependent ones resolved for samples of ``shape``), ``optim.lr``
-    (else ``DEFAULT_LR``) and every method option. A run records this, so a later change of a default
-    cannot alter what it means."""
-    tuned = dict(type(method).backbone_defaults.get(cfg.model.backbone, {})) if method is not None else {}
+def resolve_config(cfg: Config, shape: tuple[int, ...], method: Optional[Method] = None,
+                   inherited: Optional[dict[str, Any]] = None) -> Config:
+    """``cfg`` with the defaults that depend on the method, the backbone and the data filled in. Where
+    the config leaves them unset, backbone options take the ``inherited`` ones (those of the run it
+    starts from, ``train.init_from``), then the built ``method``'s ``backbone_defaults`` for ``cfg``'s
+    backbone, then the backbone's own (shape-dependent ones resolved for samples of ``shape``); and
+    ``optim.lr`` the method's, else ``DEFAULT_LR``. Every method option is filled in too. A run records
+    this, so a later change of a default cannot alter what it means."""
+    tuned = dict(method.backbone_defaults.get(cfg.model.backbone, {})) if method is not None else {}
     tuned_lr = tuned.pop("lr", DEFAULT_LR)
-    options = resolve_backbone_options(cfg.model.backbone, {**tuned, **cfg.model.options}).resolved(tuple(shape))
+    given = {**tuned, **(inherited or {}), **cfg.model.options}
+    options = resolve_backbone_options(cfg.model.backbone, given).resolved(tuple(shape))
     lr = cfg.optim.lr if cfg.optim.lr is not None else tuned_lr
     section = cfg.method if method is None else {"name": cfg.method["name"], **dataclasses.asdict(method.options)}
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, options=dataclasses.asdict(options)),

@@ -3,6 +3,7 @@ for integrity, identity and finite values; a non-finite sample is an error, not 
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,7 +101,9 @@ def test_damaged_final_artefacts_are_named(finished, tmp_path, damage, message):
         reseal_manifest(run)
     elif damage == "config":
         text = (run / "config.yaml").read_text()
-        (run / "config.yaml").write_text(text.replace("lr: 0.005", "lr: 0.006"))
+        changed = re.sub(r"(?m)^  lr: .*$", "  lr: 0.0123", text)  # another learning rate than it trained with
+        assert changed != text
+        (run / "config.yaml").write_text(changed)
     else:
         ema.write_bytes(b"\x00" * 16)
     with pytest.raises((CheckpointError, RunDirectoryError), match=message):

@@ -28,6 +28,7 @@ class Faulty(Method):
                  sigterm_step: Optional[int] = None, spike_steps: Iterable[int] = ()):
         super().__init__(inner.schedule)
         self.inner, self.name, self.options = inner, inner.name, inner.options
+        self.backbone_defaults = type(inner).backbone_defaults  # the run trains the model it would without faults
         self.nan_steps, self.grad_nan_steps, self.spike_steps = set(nan_steps), set(grad_nan_steps), set(spike_steps)
         self.sigterm_step = sigterm_step
         self.visited: set[int] = set()

@@ -16,7 +16,9 @@ distillation or self-distillation run from a flow-matching (``fm``) run, or a st
 teacher (``guidance.teacher_scale``) from the conditional one. The source is a finished flowmaps run
 directory (``flowmaps.runs.load`` verifies its weights) trained on samples of the same shape with the
 same ``model.num_classes``, whose network is the new run's: the same parameter and buffer names,
-shapes and dtypes, which the same ``model`` section (backbone and options) gives. A diffusers folder
+shapes and dtypes, which the same ``model`` section (backbone and options) gives; a backbone option
+the new run's config leaves unset takes the source's (``source_model_options``), before any default
+of the new run's method. A diffusers folder
 is no source: its UNet is another architecture (it can be a distillation teacher, ``--teacher
 diffusers:DIR``).
 """
@@ -24,11 +26,12 @@ diffusers:DIR``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from flowmaps.build import load_run_config
 from flowmaps.flow_map import FlowMap
 from flowmaps.runs import CONFIG_FILE, data_info, load
 from flowmaps.teachers.loading import DIFFUSERS_PREFIX
@@ -64,6 +67,19 @@ def load_source(spec: str, shape: tuple[int, ...], num_classes: int,
             f"train.init_from {spec!r} was trained on samples of shape {list(info.shape)} with {info.num_classes} "
             f"classes; this run has samples of shape {list(shape)} with model.num_classes = {num_classes}")
     return load(path, ema=True, device=device)
+
+
+def source_model_options(spec: Optional[str], backbone: str) -> dict[str, Any]:
+    """The backbone options that the run directory ``spec`` (``train.init_from``, or a resumed run
+    itself) recorded, where it is one whose backbone is ``backbone``; else none (for an init source,
+    ``load_source`` names what is wrong, later)."""
+    if spec is None or spec.startswith(DIFFUSERS_PREFIX) or not (Path(spec) / CONFIG_FILE).is_file():
+        return {}
+    try:
+        model = load_run_config(Path(spec) / CONFIG_FILE).model
+    except (OSError, ValueError):  # a ConfigError is a ValueError
+        return {}
+    return dict(model.options) if model.backbone == backbone else {}
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -112,4 +128,5 @@ def initialize_from(spec: str, model: FlowMap, shape: tuple[int, ...], num_class
     return source
 
 
-__all__ = ["InitializationError", "copy_weights", "initialize_from", "load_source", "mismatches"]
+__all__ = ["InitializationError", "copy_weights", "initialize_from", "load_source", "mismatches",
+           "source_model_options"]

@@ -52,7 +52,7 @@ from flowmaps.train.config import Config, ConfigError, config_text
 from flowmaps.train.distributed import DistributedContext, ShardedBatches, StopRequest, check_gradient_sync
 from flowmaps.train.ema import EMA
 from flowmaps.train.guard import DivergenceError, DivergenceGuard, diagnose, summarize
-from flowmaps.train.initialization import initialize_from
+from flowmaps.train.initialization import initialize_from, source_model_options
 from flowmaps.train.lock import RunLock
 from flowmaps.train.precision import compile_model, grad_scaler, with_precision
 from flowmaps.train.rundir import (
@@ -177,9 +177,10 @@ class RunLog:
 
 
 class Trainer:
-    """One training run on this process: built from the config, then ``start`` / ``run`` / ``finish``."""
+    """One training run on this process: built from the config (``resume``: a run that continues its own
+    record), then ``start`` / ``run`` / ``finish``."""
 
-    def __init__(self, cfg: Config, out_dir: Path, dist_ctx: DistributedContext, progress: bool):
+    def __init__(self, cfg: Config, out_dir: Path, dist_ctx: DistributedContext, progress: bool, resume: bool = False):
         self.cfg, self.out_dir, self.dist, self.progress = cfg, Path(out_dir), dist_ctx, progress
         device = dist_ctx.device
         torch.manual_seed(cfg.train.seed)
@@ -190,7 +191,9 @@ class Trainer:
         teacher = self._teacher(device, schedule)
         self.method = build_method(cfg.method["name"], schedule, teacher=teacher, **options)
         # the run records every option it trains with, so a later change of a default cannot alter its meaning
-        cfg = self.cfg = resolve_config(cfg, self.data.shape, self.method)
+        # a resumed run's network is the one it recorded (its init_from source may be gone by now)
+        inherited = source_model_options(str(self.out_dir) if resume else cfg.train.init_from, cfg.model.backbone)
+        cfg = self.cfg = resolve_config(cfg, self.data.shape, self.method, inherited)
         self.model = build_model(cfg, self.data.shape).to(device)  # the plain FlowMap: saved, EMA'd, replayed
         self.model.sampler = self.method.sampler
         self.ema = EMA(self.model, cfg.optim.ema_decay)
@@ -718,7 +721,7 @@ def _train_locked(cfg: Config, out_dir: Path, dist_ctx: DistributedContext, prog
     """``train`` once the directory is this process's: build, start, run, finish, recording a failure."""
     trainer: Optional[Trainer] = None
     try:
-        trainer = Trainer(cfg, out_dir, dist_ctx, progress)
+        trainer = Trainer(cfg, out_dir, dist_ctx, progress, resume)
         if not trainer.start(resume, restart):
             metrics = out_dir / METRICS_FILE
             summary = read_json(metrics, "metrics file") if metrics.is_file() else {}
