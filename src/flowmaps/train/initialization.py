@@ -18,9 +18,8 @@ directory (``flowmaps.runs.load`` verifies its weights) trained on samples of th
 same ``model.num_classes``, whose network is the new run's: the same parameter and buffer names,
 shapes and dtypes, which the same ``model`` section (backbone and options) gives; a backbone option
 the new run's config leaves unset takes the source's (``source_model_options``), before any default
-of the new run's method. A diffusers folder
-is no source: its UNet is another architecture (it can be a distillation teacher, ``--teacher
-diffusers:DIR``).
+of the new run's method. A diffusers folder is no source: its UNet is another architecture (it can
+be a distillation teacher, ``--teacher diffusers:DIR``).
 """
 
 from __future__ import annotations
