@@ -174,7 +174,7 @@ def _sample(args: argparse.Namespace) -> int:
     from flowmaps.evaluation import sample_in_chunks
     from flowmaps.plots import save_image_grid
     from flowmaps.runs import CONFIG_FILE, data_info, load
-    from flowmaps.samplers import get_sampler, sample_ode, time_grid
+    from flowmaps.samplers import get_sampler, grid_rho_of, sample_ode, time_grid
     from flowmaps.schedules import get_schedule
 
     if args.nfe < 1 or args.n < 1:
@@ -191,7 +191,7 @@ def _sample(args: argparse.Namespace) -> int:
     if sampler is not None:
         sampler.check_steps(args.nfe)
     cfg = load_run_config(run_dir / CONFIG_FILE)
-    rho = args.rho if args.rho is not None else model.grid_rho  # the grids it was trained on
+    rho = grid_rho_of(model, args.rho)  # default: the grids it was trained on
     grid = time_grid(args.nfe, rho=rho)
     shape = data_info(run_dir).shape
     labels = class_labels(args.classes, args.n, model.num_classes, device)

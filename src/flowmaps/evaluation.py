@@ -29,7 +29,7 @@ from flowmaps.conditions import Condition
 from flowmaps.metrics import ImageMetrics, load_or_train_classifier
 from flowmaps.data import DataSource
 from flowmaps.methods import Batch
-from flowmaps.samplers import get_sampler, ode_nfe, sample_ode
+from flowmaps.samplers import get_sampler, grid_rho_of, ode_nfe, sample_ode
 from flowmaps.schedules import Schedule
 from flowmaps.train.config import EvalConfig
 
@@ -148,13 +148,14 @@ def evaluate(
     """Metrics of ``model``'s samples (module docstring), with the floor of two exact data samples.
 
     ``sampler`` is the method's own (``flowmaps.samplers.SAMPLERS``), run at every ``cfg.nfe`` it
-    supports on the grid ``time_grid(k, rho=cfg.grid_rho)`` (None: 1; the trainer passes the method's own); ``consistency`` re-noises with
+    supports on the grid ``time_grid(k, rho=cfg.grid_rho)`` (None: the model's own ``grid_rho``, as
+    ``flowmaps.samplers.sample`` takes it); ``consistency`` re-noises with
     ``schedule`` between steps. Samplers whose map has a trained diagonal (``flow_map``) add the
     diagonal's ODE baseline. ``fingerprint`` names the data for the classifier cache (image metrics).
     Returns ``(metrics, panels)``; ``panels`` maps panel names (``data``, ``1 step``, ...,
     ``ODE heun (64 NFE)``) to CPU tensors to plot: points, or for images one row per class.
     """
-    chosen, rho = get_sampler(sampler), cfg.sampling_rho(None)
+    chosen, rho = get_sampler(sampler), grid_rho_of(model, cfg.grid_rho)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     n = cfg.sample_count(data.shape)
     reference, second = data.sample(n, gen), data.sample(n, gen)

@@ -392,6 +392,11 @@ def get_sampler(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
+def grid_rho_of(model: nn.Module, rho: Optional[float] = None) -> float:
+    """``rho``, else the model's ``grid_rho`` (``flowmaps.load`` sets a run's; 1, uniform, for a plain map)."""
+    return float(rho) if rho is not None else float(getattr(model, "grid_rho", 1.0))
+
+
 def sample(model: nn.Module, noise: torch.Tensor, steps: int = 1, cond: Optional[torch.Tensor] = None,
            sampler: Optional[str] = None, rho: Optional[float] = None, schedule: Optional[Schedule] = None,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -399,5 +404,4 @@ def sample(model: nn.Module, noise: torch.Tensor, steps: int = 1, cond: Optional
     method that trained it; ``flow_map`` for a plain ``FlowMap``) or the one named by ``sampler``, on
     the grid ``time_grid(steps, rho)``; ``rho=None`` takes the model's ``grid_rho`` (1 for a plain map)."""
     chosen = get_sampler(sampler if sampler is not None else getattr(model, "sampler", FlowMapSampler.name))
-    rho = rho if rho is not None else float(getattr(model, "grid_rho", 1.0))
-    return chosen.sample(model, noise, steps, cond, rho, schedule, generator)
+    return chosen.sample(model, noise, steps, cond, grid_rho_of(model, rho), schedule, generator)

@@ -198,13 +198,9 @@ class EvalConfig:
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     ode_steps: int = 16  # Heun steps of the diagonal's ODE baseline (2 NFE each)
     ode_solver: str = "heun"
-    # flow-map steps on the grid t_k = (1 - k/N)^grid_rho (flowmaps.samplers.time_grid); None: the method's own
-    # grid_rho (the grids its grid distillation trains), else 1
+    # flow-map steps on the grid t_k = (1 - k/N)^grid_rho (flowmaps.samplers.time_grid); None: the model's
+    # grid_rho, its method's (the grids its grid distillation trains), else 1
     grid_rho: Optional[float] = None
-
-    def sampling_rho(self, method_options: Any) -> float:
-        """``grid_rho``, or where it is None the method's own ``grid_rho`` (1 for methods without one)."""
-        return self.grid_rho if self.grid_rho is not None else float(getattr(method_options, "grid_rho", 1.0))
 
     def sample_count(self, shape: tuple[int, ...]) -> int:
         """``n_samples``, or where it is None 65536 for vector data and 1000 for images (``shape``: one sample's)."""

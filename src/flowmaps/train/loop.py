@@ -196,6 +196,7 @@ class Trainer:
         cfg = self.cfg = resolve_config(cfg, self.data.shape, self.method, inherited)
         self.model = build_model(cfg, self.data.shape).to(device)  # the plain FlowMap: saved, EMA'd, replayed
         self.model.sampler = self.method.sampler
+        self.model.grid_rho = float(cfg.method.get("grid_rho", 1.0))  # as flowmaps.load sets it
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.auxiliary = AuxiliaryNetworks(self.method.auxiliary_networks(self.data.shape, cfg.model.num_classes), dist_ctx)
@@ -624,8 +625,7 @@ class Trainer:
         save_weights_with_manifest(final, self.out_dir / WEIGHTS_MANIFEST_FILE, metadata)
         results: dict[str, Any] = {}
         if evaluate_at_end:
-            eval_cfg = dataclasses.replace(self.cfg.eval, grid_rho=self.cfg.eval.sampling_rho(self.method.options))
-            results, panels = evaluate(self.ema.model, self.data, eval_cfg, self.cfg.train.seed, self.dist.device,
+            results, panels = evaluate(self.ema.model, self.data, self.cfg.eval, self.cfg.train.seed, self.dist.device,
                                        self.method.sampler, self.method.schedule, self.described["data"])
             plot_panels(panels, self.out_dir / SAMPLES_FILE, metadata=identity,
                         title=f"{self.method.name} on {self.data.name}, {self.cfg.train.steps} steps")
