@@ -256,7 +256,7 @@ def _steering_setup(args: argparse.Namespace) -> dict[str, Any]:
     check_count(args.n, "--n (the number of samples)")
     check_count(args.nfe, "--nfe (the NFE budget per particle)")
     given = {"eta": args.eta, "ess_threshold": args.ess_threshold, "lookahead": args.lookahead, "select": args.select,
-             "data_std": args.data_std}
+             "data_std": args.data_std, "map_steps": args.map_steps}
     method_options(args.method, given)  # refuses an unknown method or a flag it does not take, before loading
     particles = particle_count(args.method, args.particles)
     out = _steering_output(args)
@@ -380,6 +380,8 @@ def _methods(args: argparse.Namespace) -> int:
         cls = get_method_class(args.name)
         for preset, values in cls.presets.items():
             print(f"preset {preset}: {values}")
+        for backbone, preset in cls.backbone_presets.items():
+            print(f"on the {backbone} backbone, unless the config names a preset: preset {preset}")
         for backbone, values in cls.backbone_defaults.items():
             print(f"on the {backbone} backbone, unless the config sets them (optim.lr, model options): {values}")
         return 0
@@ -465,19 +467,23 @@ def _steering_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", help="a trained run directory")
     p.add_argument("--method", default="fmtt", metavar="{" + ",".join(sorted(STEERERS)) + "}",
                    help="steering sampler (default fmtt): fmtt (flow-map look-ahead tilting, Jarzynski weights with "
-                        "particles > 1), dps (denoiser look-ahead), smc (twisted SMC), best-of-n (best of --particles "
+                        "particles > 1), dps (denoiser look-ahead), smc (twisted SMC), noise-smc (tempered SMC on the "
+                        "flow map's noise with pCN moves; no reward gradient), best-of-n (best of --particles "
                         "flow-map samples), posterior-guidance (PiGDM; linear-Gaussian rewards only)")
     p.add_argument("--nfe", type=int, default=16,
                    help="network evaluations per particle, a backward pass counting 2 (default 16); the sampler "
                         "takes the most steps that fit")
     p.add_argument("--n", type=int, default=256, help="number of samples (default 256)")
     p.add_argument("--particles", type=int, metavar="P",
-                   help="particles per sample (default 8 for smc and best-of-n, 1 for the others; dps and "
-                        "posterior-guidance take only 1)")
+                   help="particles per sample (default 8 for smc, noise-smc and best-of-n, 1 for the others; dps "
+                        "and posterior-guidance take only 1)")
     p.add_argument("--eta", type=float, help="fmtt/dps/smc: noise level of the tilted SDE (0: deterministic; "
-                                             "sampler default 1)")
+                                             "sampler default 1, smc 0.25)")
     p.add_argument("--ess-threshold", type=float, metavar="F",
-                   help="fmtt/smc: resample a group when its ESS fraction falls below F (sampler default 0.5)")
+                   help="fmtt/smc/noise-smc: resample a group when its ESS fraction falls below F (sampler default "
+                        "0.5; noise-smc also tempers to it)")
+    p.add_argument("--map-steps", type=int, metavar="M",
+                   help="noise-smc only: flow-map steps of its noise-to-data map (default 1; M NFE per move)")
     p.add_argument("--lookahead", choices=LOOKAHEADS, help="smc only: the twist's look-ahead (default flow_map)")
     p.add_argument("--select", choices=SELECTIONS,
                    help="best-of-n only: keep the highest reward (max, default) or draw one by exp(r) (resample)")

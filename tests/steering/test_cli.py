@@ -109,6 +109,10 @@ def test_sampler_flags_reach_the_sampler(files, tmp_path):
     out = tmp_path / "bon.npy"
     assert _posterior(files, out, "--method", "best-of-n", "--select", "resample") == 0
     assert _summary(out)["select"] == "resample"
+    out = tmp_path / "noise.npy"
+    assert _posterior(files, out, "--method", "noise-smc", "--map-steps", "2", "--ess-threshold", "0.7") == 0
+    summary = _summary(out)
+    assert summary["map_steps"] == 2 and summary["steps"] == 5 and summary["nfe_per_particle"] == 12
 
 
 def test_the_same_seed_gives_the_same_samples(files, tmp_path):
@@ -180,6 +184,11 @@ BAD_SAMPLER = [
     (["--method", "posterior-guidance", "--eta", "0.5"], "--eta does not apply"),
     (["--method", "dps", "--particles", "4"], "particles=1"),
     (["--method", "smc", "--ess-threshold", "2"], "ESS threshold"),
+    (["--method", "noise-smc", "--map-steps", "0"], "map_steps"),
+    (["--method", "noise-smc", "--ess-threshold", "0"], "must be > 0"),
+    (["--method", "noise-smc", "--eta", "0.5"], "--eta does not apply to --method noise-smc"),
+    (["--method", "smc", "--map-steps", "2"], "--map-steps does not apply to --method smc"),
+    (["--method", "noise-smc", "--nfe", "1"], "needs at least 2 NFE"),
     (["--method", "fmtt", "--eta", "-1"], "eta"),
     (["--label", "1"], "--label 1: this run's model is unconditional"),
 ]

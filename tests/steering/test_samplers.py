@@ -69,7 +69,7 @@ def test_smc_approaches_the_exact_posterior_as_particles_grow():
     floor = sum(energy_distance(post.sample(n, _gen(6 + i)), ref) for i in range(3)) / 3
     dist = {k: energy_distance(steer(exact_model(), SHARP, n, "smc", nfe=16, particles=k,
                                      generator=_gen(10)).samples, ref) for k in (1, 4, 32)}
-    assert dist[32] < dist[4] < dist[1], dist
+    assert max(dist[4], dist[32]) < dist[1] / 5, dist
     assert dist[32] < 2.5 * floor, (dist, floor)
 
 

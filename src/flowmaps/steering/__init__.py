@@ -6,6 +6,7 @@
   Jarzynski weights when ``particles > 1``;
 - ``dps``: the same tilting with the denoiser look-ahead ``f(x, t)`` (Chung et al. 2023);
 - ``smc``: twisted SMC with the flow-map (or denoiser) look-ahead as the twist and exact weights;
+- ``noise-smc``: tempered SMC on the noise of the flow map's noise-to-data map, pCN moves (no gradient);
 - ``best-of-n``: keep the best of ``particles`` flow-map samples (or resample them by ``exp(r)``);
 - ``posterior-guidance``: ΠGDM, the reference for linear-Gaussian measurements.
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from flowmaps.conditions import Condition
 from flowmaps.metrics.samples import module_device
-from flowmaps.steering import best_of_n, posterior_guidance, tilting  # noqa: F401  (registers the samplers)
+from flowmaps.steering import best_of_n, noise_smc, posterior_guidance, tilting  # noqa: F401  (registers the samplers)
 from flowmaps.steering.base import (
     STEERERS,
     Particles,
@@ -68,7 +69,7 @@ def steer(model: nn.Module, reward: Reward, n: int, method: Union[str, Steerer] 
     ``cond`` (``[n]`` labels or a ``Guided`` condition) conditions output row ``i`` and all its
     particles; ``shape`` is one sample's shape (default ``model.shape``); noise is drawn with
     ``generator`` on the model's device. ``options`` go to the sampler (``eta``, ``ess_threshold``,
-    ``lookahead``, ``select``, ``data_std``, ``schedule``).
+    ``lookahead``, ``select``, ``data_std``, ``schedule``, ``map_steps``, ``step_size``).
     """
     check_count(n, "the number of samples n")
     check_count(particles, "the number of particles")

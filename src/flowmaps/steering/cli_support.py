@@ -35,8 +35,8 @@ from flowmaps.steering.rewards import ClassifierReward, QuadraticReward, RewardE
 
 # the sampler flags of both commands, by the option name the samplers take
 OPTION_FLAGS = {"eta": "--eta", "ess_threshold": "--ess-threshold", "lookahead": "--lookahead", "select": "--select",
-                "data_std": "--data-std"}
-DEFAULT_PARTICLES = {"smc": 8, "best-of-n": 8}  # every other sampler: 1
+                "data_std": "--data-std", "map_steps": "--map-steps"}
+DEFAULT_PARTICLES = {"smc": 8, "noise-smc": 8, "best-of-n": 8}  # every other sampler: 1
 ENERGY_SAMPLES = 4096  # samples compared with the exact reference, at most
 QUADRATIC_KEYS = ("B", "b", "strength")
 _MEASUREMENT_STREAM = 0x5EED  # the measurement noise of --truth is drawn from its own stream of the seed
@@ -61,7 +61,7 @@ def method_options(method: str, given: dict[str, Any], schedule: Any = None) -> 
 
 
 def particle_count(method: str, particles: Optional[int]) -> int:
-    """``--particles``, or the method's default (8 for smc and best-of-n, 1 otherwise)."""
+    """``--particles``, or the method's default (8 for smc, noise-smc and best-of-n, 1 otherwise)."""
     if particles is None:
         return DEFAULT_PARTICLES.get(method, 1)
     return check_count(particles, "--particles (particles per sample)")
