@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from flowmaps import metrics, runs
-from flowmaps.build import build_model, config_from_dict, resolve_config
+from flowmaps.build import build_model, config_from_dict, configured_method_options, resolve_config
 from flowmaps.data import get_data
 from flowmaps.methods import LossContext, build_method
 from flowmaps.plots import plot_panels
@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cpu")
     data = get_data(cfg.data.name, seed=cfg.train.seed)
-    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    options = configured_method_options(cfg)
     method = build_method(cfg.method["name"], get_schedule(cfg.train.schedule), **options)
     cfg = resolve_config(cfg, data.shape, method)  # what it trains with, recorded in full
     try:

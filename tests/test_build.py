@@ -8,7 +8,14 @@ import torch
 import yaml
 
 import flowmaps
-from flowmaps.build import build_model, config_from_dict, load_run_config, recorded_model, resolve_config
+from flowmaps.build import (
+    build_model,
+    config_from_dict,
+    configured_method_options,
+    load_run_config,
+    recorded_model,
+    resolve_config,
+)
 from flowmaps.methods import build_method, get_method_class, method_names
 from flowmaps.nets import backbone_entry, backbone_names
 from flowmaps.schedules import get_schedule
@@ -47,6 +54,38 @@ def test_a_methods_backbone_defaults_apply_where_the_config_is_silent(name):
                                   "model": {"backbone": backbone, **dataclasses.asdict(options())}})
         assert resolve_config(given, shape, method).model.options == dataclasses.asdict(options().resolved(shape))
         assert resolve_config(given, shape, method).optim.lr == 1e-4
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_a_methods_backbone_preset_applies_where_the_config_names_none(name):
+    """``Method.backbone_presets``: on such a backbone a config without a preset trains with that preset's
+    values (its own options still win); a preset the config names is kept; other backbones keep the default
+    (driven by the method registry)."""
+    cls = get_method_class(name)
+    teacher = object() if cls.needs_teacher else None
+    given = {"teacher": "exact"} if cls.needs_teacher else {}
+    for backbone in backbone_names():
+        cfg = config_from_dict({"method": {"name": name}, "model": {"backbone": backbone}, **given})
+        options = configured_method_options(cfg)
+        preset = cls.backbone_presets.get(backbone)
+        assert options.get("preset") == preset
+        built = build_method(name, get_schedule("linear"), teacher=teacher, **options).options
+        default = build_method(name, get_schedule("linear"), teacher=teacher).options
+        if preset is None:
+            assert built == default
+            continue
+        assert {k: getattr(built, k) for k in cls.presets[preset]} == cls.presets[preset]
+        other = next(p for p in cls.presets if p != preset)
+        named = config_from_dict({"method": {"name": name, "preset": other}, "model": {"backbone": backbone}, **given})
+        assert configured_method_options(named) == {"preset": other}
+
+
+def test_lsd_trains_its_paper_preset_on_the_image_backbones_and_robust_on_the_mlp():
+    for backbone, preset in (("mlp", "robust"), ("unet", "paper"), ("dit", "paper")):
+        cfg = config_from_dict({"method": {"name": "lsd", "grid_weight": 2.0}, "model": {"backbone": backbone}})
+        options = build_method("lsd", get_schedule("linear"), **configured_method_options(cfg)).options
+        assert options.preset == preset and options.grid_weight == 2.0
+        assert options.diagonal_target == ("batch_posterior" if preset == "robust" else "conditional")
 
 
 def test_lsd_on_the_mlp_takes_fourier_features_of_low_dimensional_samples_only():

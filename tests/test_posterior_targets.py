@@ -54,6 +54,23 @@ def test_classes_average_only_over_their_own_references(schedule):
         assert torch.allclose(with_labels[rows], alone, atol=1e-12)
 
 
+def test_null_class_rows_average_over_every_reference(schedule):
+    """Label dropout's null class -1 is the unconditional model: its rows weigh the whole batch, whatever
+    the references' labels (dropped ones included), while labelled rows keep to their class."""
+    mixture = small_mixture(schedule)
+    x0, eps, tt = _draw(mixture, 300, 0.7)
+    labels = torch.arange(300) % 3
+    labels[::7] = -1  # dropped rows, which are also dropped references
+    with_labels = empirical_velocity(schedule, x0, eps, tt, x0, labels, labels)
+    null = labels < 0
+    unconditional = empirical_velocity(schedule, x0, eps, tt, x0)
+    assert torch.allclose(with_labels[null], unconditional[null], atol=1e-12)
+    for c in range(3):
+        rows = labels == c
+        alone = empirical_velocity(schedule, x0[rows], eps[rows], tt[rows], x0[rows])
+        assert torch.allclose(with_labels[rows], alone, atol=1e-12)
+
+
 def test_float32_inputs_stay_float32_and_finite():
     mixture = small_mixture()
     x0, eps, tt = (v.float() for v in _draw(mixture, 256, 0.0))

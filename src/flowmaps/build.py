@@ -16,7 +16,7 @@ import torch
 
 from flowmaps.flow_map import FlowMap
 from flowmaps.memory import check_fits
-from flowmaps.methods import Method, build_method
+from flowmaps.methods import Method, build_method, get_method_class
 from flowmaps.nets import backbone_entry, build_backbone, resolve_backbone_options
 from flowmaps.schedules import get_schedule
 from flowmaps.train import tensorboard
@@ -31,9 +31,20 @@ def check_backbone(cfg: Config) -> None:
         raise ConfigError(f"model: {err}") from err
 
 
+def configured_method_options(cfg: Config) -> dict[str, Any]:
+    """The options ``cfg`` gives its method, with the method's preset for ``cfg``'s backbone
+    (``Method.backbone_presets``) where the config names no preset."""
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    try:
+        preset = get_method_class(cfg.method["name"]).backbone_presets.get(cfg.model.backbone)
+    except ValueError:
+        return options  # an unknown method: building it names the error
+    return options if preset is None or "preset" in options else {"preset": preset, **options}
+
+
 def check_method(cfg: Config) -> None:
     """Build ``cfg``'s method once to check its name and options (a placeholder stands in for the teacher)."""
-    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    options = configured_method_options(cfg)
     try:
         teacher = object() if cfg.teacher is not None else None
         build_method(cfg.method["name"], get_schedule(cfg.train.schedule), teacher=teacher, **options)

@@ -15,7 +15,8 @@ which is the exact marginal velocity of the empirical distribution of the refere
 references are the data rows of the training batch. At low noise the weights collapse onto the own
 ``x_0`` and the target is the conditional one; at high noise it averages over the batch. The estimate
 is consistent (its bias vanishes as the reference set grows) and its variance is far below the
-conditional target's; class-conditional batches weigh only references of the same class.
+conditional target's; class-conditional batches weigh only references of the same class (rows of
+the null class, all of them).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def empirical_velocity(
 
     ``x0``, ``eps``: ``[B, ...]``, ``t``: ``[B]``, ``references``: ``[N, ...]`` data points. With
     ``cond`` and ``reference_cond`` (class labels ``[B]`` and ``[N]``) row ``i`` averages only over the
-    references of its own class. Evaluated as the conditional target plus a correction,
+    references of its own class; a row of the null class -1 (label dropout: the unconditional model)
+    averages over every reference, whose empirical distribution is the unconditional one. Evaluated as the conditional target plus a correction,
     ``alpha' x0 + sigma' eps + (alpha' - sigma' alpha / sigma)(m - x0)``, which is the same quantity but
     needs no division of ``x_t - alpha m`` by a small ``sigma``: at low noise, where ``m = x0``, it is the
     conditional target exactly. Computed in float32 or wider.
@@ -62,7 +64,8 @@ def empirical_velocity(
     scale = 2 * sigma.clamp(min=1e-12) ** 2
     logits = (2 * alpha * (x_t @ ref.T) - alpha**2 * ref.pow(2).sum(1)[None]) / scale
     if cond is not None:
-        same = cond.reshape(-1, 1) == reference_cond.reshape(1, -1)
+        rows = cond.reshape(-1, 1)
+        same = (rows == reference_cond.reshape(1, -1)) | (rows < 0)
         logits = logits.masked_fill(~same, float("-inf"))
     mean_x0 = torch.softmax(logits, dim=1) @ ref
     correction = torch.where(sigma > 0, d_alpha - d_sigma * alpha / sigma, torch.zeros_like(sigma))

@@ -93,6 +93,9 @@ class Method(ABC):
     # what the method's defaults were tuned with, per backbone: {backbone: {"lr": optim.lr, option: value}};
     # a config that leaves optim.lr or one of those backbone options unset takes them (flowmaps.build.resolve_config)
     backbone_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # the preset a method with ``presets`` takes on a backbone where the config names none ({backbone: preset};
+    # elsewhere its ``preset`` option's default): a preset measured on one kind of data need not suit another
+    backbone_presets: ClassVar[dict[str, str]] = {}
     # options under which the loss is consistent, so that the exact flow map is its fixed point (a step
     # shrunk to its limit, an auxiliary task switched off); the registry-driven tests check it there
     exact_limit: ClassVar[dict[str, Any]] = {}

@@ -38,6 +38,9 @@ def _add(entry: MethodEntry) -> None:
         raise ValueError(f"method {entry.name!r}: {entry.cls.__name__} has no option(s) {unknown}")
     if entry.cls.presets and "preset" not in fields:
         raise ValueError(f"method {entry.name!r} has presets but its options have no 'preset' field")
+    stray = sorted(set(entry.cls.backbone_presets.values()) - set(entry.cls.presets))
+    if stray:
+        raise ValueError(f"method {entry.name!r}: backbone_presets names unknown preset(s) {stray}")
     _REGISTRY[entry.name] = entry
 
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from flowmaps.build import build_model, load_run_config, resolve_config
+from flowmaps.build import build_model, configured_method_options, load_run_config, resolve_config
 from flowmaps.data import DataSource, data_fingerprint, get_data
 from flowmaps.files import WriteError, describe_os_error, dumps, json_safe, read_json, write_json, write_text_atomic
 from flowmaps.evaluation import evaluate, metrics_table
@@ -186,7 +186,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.data = get_data(cfg.data.name, seed=cfg.train.seed)
         check_classes(cfg, self.data)
-        options = {k: v for k, v in cfg.method.items() if k != "name"}
+        options = configured_method_options(cfg)
         schedule = get_schedule(cfg.train.schedule)
         teacher = self._teacher(device, schedule)
         self.method = build_method(cfg.method["name"], schedule, teacher=teacher, **options)
