@@ -45,10 +45,11 @@ def empirical_velocity(
     ``x0``, ``eps``: ``[B, ...]``, ``t``: ``[B]``, ``references``: ``[N, ...]`` data points. With
     ``cond`` and ``reference_cond`` (class labels ``[B]`` and ``[N]``) row ``i`` averages only over the
     references of its own class; a row of the null class -1 (label dropout: the unconditional model)
-    averages over every reference, whose empirical distribution is the unconditional one. Evaluated as the conditional target plus a correction,
-    ``alpha' x0 + sigma' eps + (alpha' - sigma' alpha / sigma)(m - x0)``, which is the same quantity but
-    needs no division of ``x_t - alpha m`` by a small ``sigma``: at low noise, where ``m = x0``, it is the
-    conditional target exactly. Computed in float32 or wider.
+    averages over every reference, whose empirical distribution is the unconditional one. Evaluated as
+    the conditional target plus a correction, ``alpha' x0 + sigma' eps + (alpha' - sigma' alpha /
+    sigma)(m - x0)``, which is the same quantity but needs no division of ``x_t - alpha m`` by a small
+    ``sigma``: at low noise, where ``m = x0``, it is the conditional target exactly. Computed in
+    float32 or wider.
     """
     if references.shape[1:] != x0.shape[1:]:
         raise ValueError(f"references of shape {tuple(references.shape)} do not match x0 of shape {tuple(x0.shape)}")
