@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from flowmaps.files import atomic_write
@@ -19,7 +20,8 @@ def plot_panels(
     instead (``image_grid``).
 
     The square window is ``[-limit, limit]^2``; by default 1.25 times the 99.5th percentile of
-    ``|x|`` in the first panel (the data), so every data set is framed alike.
+    ``|x|`` in the first panel (the data), so every data set is framed alike. Every panel shares the
+    first panel's colour scale (``panel_densities``), so equal densities look alike across panels.
     """
     import matplotlib
 
@@ -32,16 +34,32 @@ def plot_panels(
     if limit is None:
         first = next(iter(panels.values())).reshape(-1).float().abs()
         limit = 1.25 * float(torch.quantile(first[:100_000], 0.995))
+    densities, vmax = panel_densities(panels, limit)
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
-    for ax, (name, x) in zip(axes[0], panels.items()):
-        x = x.reshape(x.shape[0], -1).float().numpy()
-        y = x[:, 1] if x.shape[1] > 1 else 0 * x[:, 0]
-        ax.hist2d(x[:, 0], y, bins=120, range=[[-limit, limit], [-limit, limit]], cmap="magma")
+    for ax, (name, density) in zip(axes[0], densities.items()):
+        ax.imshow(density.T, origin="lower", extent=(-limit, limit, -limit, limit), cmap="magma", vmin=0.0,
+                  vmax=vmax, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
     _save(fig, path, title, metadata)
+
+
+def panel_densities(panels: dict[str, torch.Tensor], limit: float,
+                    bins: int = 120) -> tuple[dict[str, np.ndarray], float]:
+    """Each panel's 2D histogram density on ``[-limit, limit]^2`` (``bins`` per axis, indexed ``[x bin, y
+    bin]``; samples outside the window count in the normaliser) and the shared colour limit: the first
+    panel's (the data's) largest bin, so a panel whose mass piles up saturates instead of dimming every
+    other bin of its own panel."""
+    densities = {}
+    for name, x in panels.items():
+        x = x.reshape(x.shape[0], -1).float().numpy()
+        y = x[:, 1] if x.shape[1] > 1 else 0 * x[:, 0]
+        counts = np.histogram2d(x[:, 0], y, bins=bins, range=[[-limit, limit], [-limit, limit]])[0]
+        densities[name] = counts / (max(len(x), 1) * (2 * limit / bins) ** 2)
+    vmax = float(next(iter(densities.values())).max())
+    return densities, vmax if vmax > 0 else 1.0
 
 
 def _save(fig, path: Union[str, Path], title: str, metadata: Optional[dict[str, str]]) -> None:
