@@ -15,9 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# the tests also cover the extras (TensorBoard logging, diffusers) and Fashion-MNIST (Debian's dataset-fashion-mnist)
+# the tests also cover the extras (TensorBoard logging, diffusers, Inception FID) and Fashion-MNIST (Debian's
+# dataset-fashion-mnist); the fid extra's OpenCV needs libGL (Debian's libgl1)
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test,tensorboard,diffusers]"
+	$(PY) -m pip install -q -e ".[test,tensorboard,diffusers,fid]"
+	@$(PY) -c "import cv2" 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgl1 libglib2.0-0 >/dev/null; \
+	  else echo "OpenCV (the fid extra) needs libGL: run 'sudo apt-get install libgl1 libglib2.0-0'" >&2; exit 1; fi; }
 	touch $@
 
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist

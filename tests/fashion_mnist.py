@@ -1,13 +1,11 @@
 """Where Fashion-MNIST lies, for the tests that need it: they fail under ``CI=true`` without it (CI must
 have the data, the project's rule) and are skipped elsewhere."""
 
-import os
 from pathlib import Path
-
-import pytest
 
 from flowmaps.data.images import fashion_mnist_dir as configured_dir
 from flowmaps.data.images import fashion_mnist_files
+from tests.unavailable import unavailable
 
 
 def require_fashion_mnist() -> Path:
@@ -15,7 +13,5 @@ def require_fashion_mnist() -> Path:
     try:
         fashion_mnist_files()
     except ValueError as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must have Fashion-MNIST: {err}")
-        pytest.skip(str(err))
+        unavailable("Fashion-MNIST", str(err))
     return configured_dir()

@@ -10,7 +10,9 @@ Two scorers, chosen by the data:
 - ``ImageScorer`` (images with labels and a test split, e.g. Fashion-MNIST): Fréchet distance,
   precision and recall in the feature space of the in-project classifier (trained once per data
   set and cached, ``flowmaps.metrics.classifier``) against the real test set, and the class
-  accuracy of conditional samples; the floor is one half of the test set against the other.
+  accuracy of conditional samples; the floor is one half of the test set against the other. With
+  ``eval.inception_fid`` it adds ``inception_fid`` (the ``fid`` extra, ``flowmaps.metrics.inception``;
+  not comparable with published FIDs) on the same sets.
 
 Class-conditional models are sampled for the labels of a fresh data sample, so the classes come in
 the data's proportions; every sampler sees the same noise and labels.
@@ -27,11 +29,12 @@ from torch import nn
 from flowmaps import metrics
 from flowmaps.conditions import Condition
 from flowmaps.metrics import ImageMetrics, load_or_train_classifier
+from flowmaps.metrics.inception import InceptionFeatures, import_fid_helper
 from flowmaps.data import DataSource
 from flowmaps.methods import Batch
 from flowmaps.samplers import get_sampler, grid_rho_of, ode_nfe, sample_ode
 from flowmaps.schedules import Schedule
-from flowmaps.train.config import EvalConfig
+from flowmaps.train.config import ConfigError, EvalConfig
 
 ENERGY_SAMPLES = 4096
 MMD_SAMPLES = 2048
@@ -88,20 +91,34 @@ class VectorScorer:
 class ImageScorer:
     """Classifier-feature metrics against the real test split (``flowmaps.metrics.ImageMetrics``), at
     ``size`` samples on each side (at most half the test split): the floor and the samples are scored at
-    the same size, since the Fréchet distance and the k-NN radii depend on it."""
+    the same size, since the Fréchet distance and the k-NN radii depend on it. ``inception``: also the
+    Inception FID (``flowmaps.metrics.inception``) of the same samples against the same reference."""
 
-    def __init__(self, data: DataSource, fingerprint: str, device: torch.device, size: int):
+    def __init__(self, data: DataSource, fingerprint: str, device: torch.device, size: int, inception: bool = False):
         test = data.test_split()
         classifier = load_or_train_classifier(fingerprint, lambda: classifier_data(data), data.num_classes,
                                               device=device)
         self.metrics = ImageMetrics(classifier, test.x0, test.cond, size=min(size, test.x0.shape[0] // 2))
         self.classifier_accuracy = classifier.accuracy
+        self.inception = InceptionFeatures(device) if inception else None
+        if self.inception is not None:
+            size = self.metrics.size
+            self.inception_reference = self.inception(test.x0[:size])
+            self.inception_floor = metrics.frechet_distance(self.inception(test.x0[size:2 * size]),
+                                                            self.inception_reference)
 
     def floor(self) -> dict[str, float]:
-        return self.metrics.floor()
+        out = self.metrics.floor()
+        if self.inception is not None:
+            out["inception_fid"] = self.inception_floor
+        return out
 
     def __call__(self, samples: torch.Tensor, labels: Optional[torch.Tensor]) -> dict[str, float]:
-        return self.metrics(samples, labels)
+        out = self.metrics(samples, labels)
+        if self.inception is not None:
+            out["inception_fid"] = metrics.frechet_distance(self.inception(samples[:self.metrics.size]),
+                                                            self.inception_reference)
+        return out
 
 
 def classifier_data(data: DataSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,6 +130,20 @@ def classifier_data(data: DataSource) -> tuple[torch.Tensor, torch.Tensor, torch
 def uses_image_metrics(data: DataSource) -> bool:
     """Image data with labels and a test split is scored in classifier-feature space."""
     return len(data.shape) == 3 and data.num_classes > 0 and data.test_split() is not None
+
+
+def check_eval_config(cfg: EvalConfig, data: DataSource) -> None:
+    """Refuse, before training, an ``eval.inception_fid`` that the end of the run could not honour: data
+    that is not scored as images, or a missing ``fid`` extra (a ``ConfigError`` naming the install)."""
+    if not cfg.inception_fid:
+        return
+    if not uses_image_metrics(data):
+        raise ConfigError(f"eval.inception_fid needs images with labels and a test split (such as fashion-mnist); "
+                          f"the data {data.name!r} is scored with sample metrics instead")
+    try:
+        import_fid_helper()
+    except ImportError as err:
+        raise ConfigError(f"eval.inception_fid: {err}") from err
 
 
 def sample_in_chunks(fn: Callable[[torch.Tensor, Condition], torch.Tensor], noise: torch.Tensor,
@@ -163,7 +194,7 @@ def evaluate(
     conditional = getattr(model, "num_classes", 0) > 0
     labels = reference.cond.to(device) if conditional else None
     noise = torch.randn(n, *data.shape, generator=gen, device=device)
-    scorer = (ImageScorer(data, fingerprint or data.name, device, n) if uses_image_metrics(data)
+    scorer = (ImageScorer(data, fingerprint or data.name, device, n, cfg.inception_fid) if uses_image_metrics(data)
               else VectorScorer(data, reference, second))
     results: dict[str, Any] = {
         "floor (two data samples)": scorer.floor(),

@@ -1,10 +1,9 @@
 """Tests of ``flowmaps.teachers``; ``require_diffusers`` for the tests that need diffusers: they fail under
 ``CI=true`` without it (CI installs the ``diffusers`` extra) and are skipped elsewhere."""
 
-import os
 from types import ModuleType
 
-import pytest
+from tests.unavailable import unavailable
 
 
 def require_diffusers() -> ModuleType:
@@ -12,8 +11,5 @@ def require_diffusers() -> ModuleType:
     try:
         import diffusers
     except ImportError as err:
-        message = f"diffusers is not installed (pip install flowmaps[diffusers]): {err}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must have diffusers: {message}")
-        pytest.skip(message)
+        unavailable("diffusers", f"diffusers is not installed (pip install flowmaps[diffusers]): {err}")
     return diffusers

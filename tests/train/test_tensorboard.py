@@ -1,7 +1,5 @@
 """Optional TensorBoard logging (``train.tensorboard``, the ``tensorboard`` extra, installed by ``make test``)."""
 
-import os
-
 import pytest
 
 from flowmaps.build import config_from_dict
@@ -9,15 +7,14 @@ from flowmaps.train import tensorboard
 from flowmaps.train.config import ConfigError
 from flowmaps.train.loop import train
 from tests.train.tiny import tiny_values
+from tests.unavailable import unavailable
 
 
 def require_tensorboard() -> None:
     try:
         tensorboard.check_available()
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the tensorboard extra is missing (make test installs '.[test,tensorboard]')")
-        pytest.skip("the tensorboard extra is not installed")
+    except ImportError as err:
+        unavailable("the tensorboard extra", f"the tensorboard extra is not installed (make test installs it): {err}")
 
 
 def test_a_run_logs_its_scalars_and_samples(tmp_path):

@@ -201,6 +201,8 @@ class EvalConfig:
     # flow-map steps on the grid t_k = (1 - k/N)^grid_rho (flowmaps.samplers.time_grid); None: the model's
     # grid_rho, its method's (the grids its grid distillation trains), else 1
     grid_rho: Optional[float] = None
+    # Inception FID beside the classifier metrics (image data; the fid extra, flowmaps.metrics.inception)
+    inception_fid: bool = False
 
     def sample_count(self, shape: tuple[int, ...]) -> int:
         """``n_samples``, or where it is None 65536 for vector data and 1000 for images (``shape``: one sample's)."""

@@ -37,7 +37,7 @@ import torch
 from flowmaps.build import build_model, configured_method_options, load_run_config, resolve_config
 from flowmaps.data import DataSource, data_fingerprint, get_data
 from flowmaps.files import WriteError, describe_os_error, dumps, json_safe, read_json, write_json, write_text_atomic
-from flowmaps.evaluation import evaluate, metrics_table
+from flowmaps.evaluation import check_eval_config, evaluate, metrics_table
 from flowmaps.methods import LossContext, LossOutput, build_method
 from flowmaps.plots import plot_panels
 from flowmaps.report import write_report
@@ -186,6 +186,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.data = get_data(cfg.data.name, seed=cfg.train.seed)
         check_classes(cfg, self.data)
+        check_eval_config(cfg.eval, self.data)
         options = configured_method_options(cfg)
         schedule = get_schedule(cfg.train.schedule)
         teacher = self._teacher(device, schedule)
