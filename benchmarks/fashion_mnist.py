@@ -107,7 +107,7 @@ def ratios(results: list[dict[str, Any]]) -> str:
     if not ode:
         return ""
     best = min(row["fd"] for row in ode[0]["samplers"].values() if "nfe" in row)
-    lines = [f"best ODE FD (fm, Euler): {best:.4g}"]
+    lines = [f"best ODE FD (fm, Euler or Heun): {best:.4g}"]
     for r in results:
         if r["method"] == "fm":
             continue
