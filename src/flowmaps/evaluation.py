@@ -28,8 +28,7 @@ from torch import nn
 
 from flowmaps import metrics
 from flowmaps.conditions import Condition
-from flowmaps.metrics import ImageMetrics, load_or_train_classifier
-from flowmaps.metrics.inception import InceptionFeatures, import_fid_helper
+from flowmaps.metrics import ImageMetrics, InceptionFeatures, import_fid_helper, load_or_train_classifier
 from flowmaps.data import DataSource
 from flowmaps.methods import Batch
 from flowmaps.samplers import get_sampler, grid_rho_of, ode_nfe, sample_ode

@@ -8,6 +8,8 @@
   real test split with its floor.
 - ``flowmaps.metrics.classifier``: the in-project feature classifier, trained once per data set with
   a fixed seed and cached with its test accuracy (``load_or_train_classifier``).
+- ``flowmaps.metrics.inception``: Inception-v3 features for an Inception FID through the ``fid`` extra
+  (``InceptionFeatures``; not comparable with published FIDs).
 """
 
 from flowmaps.metrics.classifier import (
@@ -27,6 +29,7 @@ from flowmaps.metrics.images import (
     knn_radii,
     precision_recall,
 )
+from flowmaps.metrics.inception import InceptionFeatures, import_fid_helper
 from flowmaps.metrics.samples import (
     HIST_ESTIMATORS,
     MMD_BANDWIDTHS,
@@ -46,8 +49,8 @@ from flowmaps.metrics.samples import (
 
 __all__ = [
     "HIST_ESTIMATORS", "MMD_BANDWIDTHS", "CachedClassifier", "FeatureCNN", "FeatureClassifier", "FlowMapError",
-    "FlowMapReference", "ImageMetrics", "NFECounter", "cache_entry", "checkerboard_bin_probs", "class_accuracy",
-    "default_cache_dir", "energy_distance", "flow_map_error", "flow_map_reference", "frechet_distance", "histogram",
-    "histogram_kl", "inside_share", "knn_radii", "load_or_train_classifier", "mmd", "precision_recall",
-    "sliced_wasserstein", "time_pair_grid", "train_classifier",
+    "FlowMapReference", "ImageMetrics", "InceptionFeatures", "NFECounter", "cache_entry", "checkerboard_bin_probs",
+    "class_accuracy", "default_cache_dir", "energy_distance", "flow_map_error", "flow_map_reference", "frechet_distance",
+    "histogram", "histogram_kl", "import_fid_helper", "inside_share", "knn_radii", "load_or_train_classifier", "mmd",
+    "precision_recall", "sliced_wasserstein", "time_pair_grid", "train_classifier",
 ]
