@@ -107,3 +107,15 @@ def test_a_kill_during_overwrite_never_leaves_weights_beside_another_config(tmp_
         assert rundir.is_run_directory(run)
         train(tiny(train={"steps": 2}, model={"width": 16}), run, progress=False, evaluate_at_end=False, overwrite=True)
         assert status(run)["steps"] == 2
+
+
+def test_a_run_refused_by_a_check_on_its_data_leaves_no_empty_out(tmp_path, capsys):
+    """The labels check needs the data, so it runs after --out is taken: the folders the run created go
+    again, a folder that was there before stays."""
+    refused = ["--set", "model.num_classes=3"]  # the default data has no labels
+    assert main(["train", "--out", str(tmp_path / "new" / "nested"), *TINY, *refused]) == 2
+    assert "has no labels" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert main(["train", "--out", str(tmp_path / "mine"), *TINY, *refused]) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())

@@ -58,8 +58,8 @@ from flowmaps.train.precision import compile_model, grad_scaler, with_precision
 from flowmaps.train.rundir import (
     CONFIG_FILE, DATA_INFO_FILE, DIVERGENCE_FILE, EMA_WEIGHTS_FILE, LOG_FILE, METRICS_FILE, METRICS_TABLE_FILE,
     SAMPLES_FILE, WEIGHTS_FILE, WEIGHTS_MANIFEST_FILE, RunDirectoryError, RunIdentity, RunStatus, check_directory,
-    clear_final_artefacts, config_hash, file_config_hash, new_run_id, prepare_new_run, read_status, remove_leftovers,
-    write_status,
+    clear_final_artefacts, config_hash, file_config_hash, missing_ancestors, new_run_id, prepare_new_run, read_status,
+    remove_if_empty, remove_leftovers, write_status,
 )
 from flowmaps.train.tensorboard import TensorBoardLog
 
@@ -689,7 +689,9 @@ def train(
     ``resume=True`` continues the run from its newest valid checkpoint, after checking that it belongs
     to this data, method and model; it refuses when there is none, unless ``restart=True`` (start again
     from step 0), and does nothing when the run already finished under ``cfg`` (``trained`` false).
-    Under ``torchrun`` every process calls this; rank 0 writes the directory and evaluates.
+    Under ``torchrun`` every process calls this; rank 0 writes the directory and evaluates. Folders this
+    call created are removed again when it fails before writing anything into them (a config check that
+    needs the data).
     Raises ``TrainingInterrupted`` after SIGTERM/SIGINT (a checkpoint was written), ``DivergenceError``
     when the divergence guard gives up, ``RunDirectoryError`` for a directory that cannot be used as
     asked and ``flowmaps.files.WriteError`` when the disk refuses a write; ``status.json`` records each.
@@ -697,6 +699,7 @@ def train(
     out_dir = Path(out_dir)
     dist_ctx = DistributedContext.setup(cfg.train.device, cfg.distributed.backend)
     lock = RunLock(out_dir, warn=logger.warning)
+    created = missing_ancestors(out_dir) if dist_ctx.is_main else []
 
     def take_directory() -> None:
         check_directory(out_dir)
@@ -713,6 +716,7 @@ def train(
             return _train_locked(cfg, out_dir, dist_ctx, progress, evaluate_at_end, resume, restart)
         finally:
             lock.release()
+            remove_if_empty(created)  # refused before it wrote anything (a data-dependent check): no empty --out
     finally:
         dist_ctx.close()
 

@@ -195,6 +195,26 @@ def check_directory(path: Path) -> None:
         raise RunDirectoryError(f"{path} is a file, not a run directory: choose another --out")
 
 
+def missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, innermost first: what ``mkdir(parents=True)`` creates."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_if_empty(folders: Sequence[Path]) -> None:
+    """Delete each of ``folders`` (innermost first) while it is empty: a run refused before it wrote
+    anything leaves no empty ``--out`` behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or already gone): it and its parents stay
+
+
 def contents(path: Path) -> tuple[list[str], list[str]]:
     """``(own, foreign)``: the entries of ``path`` flowmaps wrote (``run.lock`` aside) and the others."""
     if not path.is_dir():
@@ -303,6 +323,6 @@ __all__ = [
     "METRICS_FILE", "METRICS_TABLE_FILE", "OWN_NAMES", "PREVIOUS_DIR", "RunDirectoryError", "RunIdentity",
     "RunStatus", "SAMPLES_FILE", "STATES", "STATUS_FILE", "UnfinishedRunError", "WEIGHTS_FILE",
     "WEIGHTS_MANIFEST_FILE", "check_directory", "clear_final_artefacts", "config_hash", "contents",
-    "file_config_hash", "is_run_directory", "new_run_id", "prepare_new_run", "read_status", "remove_leftovers",
-    "write_status",
+    "file_config_hash", "is_run_directory", "missing_ancestors", "new_run_id", "prepare_new_run", "read_status",
+    "remove_if_empty", "remove_leftovers", "write_status",
 ]
