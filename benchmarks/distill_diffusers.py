@@ -31,8 +31,8 @@
 Prints the Markdown table and writes it (``distill_diffusers.md``), the raw results
 (``distill_diffusers.json``) and a sample grid per row (``samples/``) under ``--out``, with the
 teacher in ``--out/teacher`` and each student's run directory beside it. The defaults take about
-35 minutes on a 2-core CPU (the teacher about 10, the three ``cd`` students 6 to 8 each, scoring about
-5; estimated from one-thread timings), ``--quick`` well under a minute.
+75 minutes on a 2-core CPU with two threads (the teacher about 9, the three ``cd`` students of 1,500
+steps 11 to 15 each, scoring about 6), ``--quick`` well under a minute.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--label-dropout", type=float, default=0.1,
                         help="share of the teacher's labels dropped to the null class")
     parser.add_argument("--methods", nargs="+", default=["cd"], help="flowmaps teacher methods (`flowmaps methods`)")
-    parser.add_argument("--student-steps", type=int, default=600, help="training steps of each student")
+    parser.add_argument("--student-steps", type=int, default=1500, help="training steps of each student")
     parser.add_argument("--batch", type=int, default=64, help="student batch size")
     parser.add_argument("--student-lr", type=float, default=1e-3)
     parser.add_argument("--student-channels", type=int, default=0,
