@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from flowmaps.cli import main
-from flowmaps.metrics.inception import import_fid_helper
 from tests.fashion_mnist import require_fashion_mnist
-from tests.unavailable import unavailable
+from tests.metrics import require_fid
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist.yaml"
@@ -39,10 +38,7 @@ def test_a_class_conditional_fashion_mnist_run(tmp_path):
 
 def test_a_fashion_mnist_run_with_inception_fid(tmp_path):
     require_fashion_mnist()
-    try:
-        import_fid_helper()
-    except ImportError as err:
-        unavailable("the fid extra", str(err))
+    require_fid()
     run = tmp_path / "fashion"
     assert main(["train", "--config", str(CONFIG), "--steps", "3", "--batch-size", "16", "--out", str(run),
                  "--no-progress", "--set", "eval.n_samples=32", "--set", "eval.nfe=[1]", "--set", "eval.ode_steps=1",

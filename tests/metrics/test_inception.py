@@ -10,15 +10,12 @@ from flowmaps.data import get_data
 from flowmaps.evaluation import check_eval_config
 from flowmaps.metrics import frechet_distance, inception
 from flowmaps.train.config import ConfigError, EvalConfig
-from tests.unavailable import unavailable
+from tests.metrics import require_fid
 
 
 @pytest.fixture(scope="module")
 def features() -> inception.InceptionFeatures:
-    try:
-        inception.import_fid_helper()
-    except ImportError as err:
-        unavailable("the fid extra", str(err))
+    require_fid()
     return inception.InceptionFeatures(batch_size=8)
 
 
